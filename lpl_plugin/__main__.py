@@ -1,0 +1,8 @@
+"""Run the lpl-plugin command line: `python -m lpl_plugin ...`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Subcommands about settings: `validate`, `schema` and `defaults`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, LPLConfig, is_lpl_key
+from .schema import json_schema
+from .toml_io import check_file, read_toml, render_toml
+
+
+def validate_file(path: str) -> tuple[LPLConfig, list[str]]:
+    """Validate a TOML file; returns the config and warnings, or raises ConfigError with every problem."""
+    config, problems = check_file(path)
+    if problems:
+        raise ConfigError(problems)
+    assert config is not None
+    warnings = []
+    data, _ = read_toml(path)
+    keys = {k for k, v in (data or {}).items() if not isinstance(v, dict)}
+    keys |= {k for v in (data or {}).values() if isinstance(v, dict) for k in v}
+    if not config.use_lpl and "use_lpl" not in keys and "lpl_enabled" not in keys and any(map(is_lpl_key, keys)):
+        warnings.append(f"{path}: warning: lpl_* keys are set but `use_lpl` is not, so LPL is off; "
+                        "add `use_lpl = true` to turn it on")
+    return config, warnings
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """Check a trainer TOML; print the effective settings."""
+    config, warnings = validate_file(args.config)
+    for line in warnings:
+        print(line, file=sys.stderr)
+    state = "on" if config.use_lpl else "off"
+    print(f"# {args.config}: valid; LPL is {state}. Effective settings:")
+    print(render_toml(config, comments=False), end="")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of the options."""
+    from .cli import print_json
+
+    print_json(json_schema())
+    return 0
+
+
+def _defaults(args: argparse.Namespace) -> int:
+    """Print the recommended lpl block as TOML."""
+    print(render_toml(LPLConfig(use_lpl=True), table=None if args.top_level else "lpl",
+                      comments=not args.no_comments), end="")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register validate, schema and defaults."""
+    p = subparsers.add_parser("validate", help="check the lpl_* keys of a trainer TOML")
+    p.add_argument("config", help="the trainer's TOML file")
+    p.set_defaults(func=_validate)
+    p = subparsers.add_parser("schema", help="print the JSON Schema of the options")
+    p.set_defaults(func=_schema)
+    p = subparsers.add_parser("defaults", help="print the recommended lpl block as TOML")
+    p.add_argument("--top-level", action="store_true", help="write the keys without an [lpl] table header")
+    p.add_argument("--no-comments", action="store_true", help="leave out the help comments")
+    p.set_defaults(func=_defaults)

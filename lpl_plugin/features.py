@@ -1,0 +1,113 @@
+"""A private, frozen copy of the VAE decoder stages that LPL reads, with named stages and optional recomputation."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import choose_attention
+
+log = logging.getLogger("lpl_plugin")
+
+CHECKPOINTING = ("auto", "none", "block", "resnet")
+Segment = Callable[[Tensor], Tensor]
+
+
+def _has_upsampler(block: nn.Module) -> bool:
+    """Whether a decoder up block doubles the resolution."""
+    return getattr(block, "upsamplers", None) is not None
+
+
+def _segments(stage: nn.Module, fine: bool) -> list[Segment]:
+    """Callables that run a stage in order: the whole stage, or each resnet and upsampler of an up block."""
+    resnets = getattr(stage, "resnets", None)
+    if not fine or resnets is None or getattr(stage, "attentions", None) is not None:
+        return [lambda x, s=stage: s(x, None)]
+    parts: list[Segment] = [lambda x, r=r: r(x, None) for r in resnets]
+    parts += [lambda x, u=u: u(x) for u in (stage.upsamplers or [])]
+    return parts
+
+
+class DecoderTrunk(nn.Module):
+    """`[post_quant_conv] -> conv_in -> mid_block -> up_blocks[:n]` of a diffusers AutoencoderKL, frozen.
+
+    The modules are deep copies: the caller's VAE is never moved, cast or changed.
+    """
+
+    def __init__(self, vae: nn.Module, num_blocks: int, *, use_post_quant_conv: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        decoder = getattr(vae, "decoder", None)
+        if decoder is None or not hasattr(decoder, "mid_block") or not hasattr(decoder, "up_blocks"):
+            raise ValueError("LPL needs a diffusers AutoencoderKL-like VAE with decoder.mid_block and "
+                             "decoder.up_blocks")
+        available = len(decoder.up_blocks)
+        if num_blocks > available:
+            raise ValueError(f"`lpl_num_blocks` must be at most {available} for this VAE (its decoder has "
+                             f"{available} up blocks), got {num_blocks}")
+        if device is None:
+            device = next(decoder.parameters()).device
+        pqc = getattr(vae, "post_quant_conv", None) if use_post_quant_conv else None
+        self.post_quant_conv = copy.deepcopy(pqc) if isinstance(pqc, nn.Module) else None
+        self.conv_in = copy.deepcopy(decoder.conv_in)
+        self.mid_block = copy.deepcopy(decoder.mid_block)
+        self.up_blocks = nn.ModuleList(copy.deepcopy(b) for b in decoder.up_blocks[:num_blocks])
+        self.requires_grad_(False)
+        self.eval()
+        self.to(device=device, dtype=dtype)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.stage_names = ["mid"] + [f"up{i}" for i in range(num_blocks)]
+        # Resolution of each feature map below the decoder's output, from the full decoder's layout.
+        remaining = sum(_has_upsampler(b) for b in decoder.up_blocks)
+        factors = [2 ** remaining]
+        for block in decoder.up_blocks[:num_blocks]:
+            remaining -= _has_upsampler(block)
+            factors.append(2 ** remaining)
+        self.downsample_factors = factors
+        self.attention = choose_attention(self, self.device, dtype)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of feature maps produced: the mid block plus each up block used."""
+        return len(self.stage_names)
+
+    def _stages(self) -> list[nn.Module]:
+        """The stages whose outputs are features, in order."""
+        return [self.mid_block, *self.up_blocks]
+
+    def _run(self, stage_index: int, stage: nn.Module, x: Tensor, checkpointing: str) -> Tensor:
+        """Run one stage, recomputing it (or its resnets) in backward when asked."""
+        if checkpointing == "none" or not (torch.is_grad_enabled() and x.requires_grad):
+            return stage(x, None)
+        fine = checkpointing == "resnet" or (checkpointing == "auto" and self.downsample_factors[stage_index] <= 2)
+        if checkpointing == "auto" and not fine:
+            return stage(x, None)
+        for part in _segments(stage, fine):
+            x = checkpoint(part, x, use_reentrant=False)
+        return x
+
+    def forward(self, z: Tensor, checkpointing: str = "none") -> list[Tensor]:
+        """Feature maps (mid block output, then each up block's) of already unscaled latents z."""
+        x = z.to(self.dtype)
+        if self.post_quant_conv is not None:
+            x = self.post_quant_conv(x)
+        x = self.conv_in(x)
+        features = []
+        for index, stage in enumerate(self._stages()):
+            x = self._run(index, stage, x, checkpointing)
+            features.append(x)
+        return features
+
+
+def feature_shapes(trunk: DecoderTrunk, latent_shape: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """Shapes (B, C, H, W) of each feature map for latents of the given shape, without running the decoder."""
+    batch, _, height, width = latent_shape
+    top = trunk.downsample_factors[0]
+    channels = [trunk.mid_block.resnets[-1].out_channels] + [b.resnets[-1].out_channels for b in trunk.up_blocks]
+    return [(batch, c, height * top // f, width * top // f) for c, f in zip(channels, trunk.downsample_factors)]

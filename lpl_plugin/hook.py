@@ -1,0 +1,82 @@
+"""The built-in `lpl` loss hook: gating, z0_hat, noise-level weights and reduction around the LPL engine."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .config import LPLConfig
+from .diffusion import min_snr_weight, predict_z0, snr
+from .loss import LatentPerceptualLoss
+from .registry import HookResult
+
+log = logging.getLogger("lpl_plugin")
+
+
+class LPLHook:
+    """Adds weight * LPL(z0_hat, z0) for samples with t < lpl_t_threshold from step lpl_start on.
+
+    Returns one value per sample (zeros above the threshold), so a host that averages its per-sample loss over the
+    batch gives LPL the weight lpl_weight / B per sample whatever the number of gated samples. In
+    `lpl_compat = "diffusers"` mode the gated samples share lpl_weight among themselves, as the reference does.
+    """
+
+    def __init__(self, vae: nn.Module, config: LPLConfig, *, scaling_factor: float | None = None,
+                 shift_factor: float | None = None, device: torch.device | str | None = None):
+        self.config = config
+        self.loss = LatentPerceptualLoss(vae, config, scaling_factor, shift_factor, device=device)
+        self.compat = config.lpl_compat == "diffusers"
+
+    def noise_level_weights(self, timesteps: Tensor, prediction_type: str, alphas_cumprod: Tensor | None,
+                            sigmas: Tensor | None, noise_weights: Tensor | None,
+                            snr_gamma: float | None) -> Tensor | None:
+        """Per-sample weights applied when lpl_scale is on (None: no weighting)."""
+        if not self.config.lpl_scale:
+            return None
+        if self.compat:  # the reference scales only when min-SNR gamma is set
+            if snr_gamma is None:
+                return None
+            noise_weights = None
+        if noise_weights is not None:
+            return noise_weights.float()
+        gamma = snr_gamma if snr_gamma is not None else self.config.lpl_snr_gamma
+        if sigmas is None and alphas_cumprod is None:
+            return None
+        values = snr(timesteps=timesteps, alphas_cumprod=alphas_cumprod, sigmas=sigmas)
+        return min_snr_weight(values, gamma, prediction_type)
+
+    def __call__(self, latents: Tensor, noisy_latents: Tensor, timesteps: Tensor, model_pred: Tensor,
+                 prediction_type: str, alphas_cumprod: Tensor | None, sigmas: Tensor | None,
+                 noise_weights: Tensor | None, snr_gamma: float | None, step: int, is_training: bool,
+                 log_stats: bool) -> HookResult:
+        """The per-sample LPL term (B,) and its scalars; all zeros when LPL does not apply to this step."""
+        batch = latents.shape[0]
+        term = torch.zeros(batch, device=latents.device, dtype=torch.float32)
+        if not (self.config.use_lpl and is_training and step >= self.config.lpl_start):
+            return HookResult(term, {})
+        # The one host sync per step: which samples are gated, so the decoder runs for those alone.
+        index = torch.nonzero(timesteps < self.config.lpl_t_threshold).flatten()
+        gated = int(index.numel())
+        logs: dict[str, Tensor | float] = {"lpl/applied_fraction": gated / batch}
+        if gated == 0:
+            logs["lpl/loss"] = 0.0
+            return HookResult(term, logs)
+        pick = (lambda t: None if t is None else t[index]) if gated < batch else (lambda t: t)
+        z0_hat = predict_z0(model_pred[index], noisy_latents[index], prediction_type, timesteps=timesteps[index],
+                            alphas_cumprod=alphas_cumprod, sigmas=pick(sigmas))
+        per_sample, layers = self.loss(z0_hat, latents[index], return_layers=True)
+        weights = self.noise_level_weights(timesteps[index], prediction_type, alphas_cumprod, pick(sigmas),
+                                           pick(noise_weights), snr_gamma)
+        value = per_sample if weights is None else per_sample * weights.to(per_sample.device)
+        share = batch / gated if self.compat else 1.0
+        term = term.index_put((index,), value * (self.config.lpl_weight * share))
+        logs["lpl/loss"] = per_sample.detach().mean()
+        logs["lpl/weighted"] = term.detach().mean()
+        if log_stats:
+            for name, column in zip(self.loss.trunk.stage_names, layers.mean(dim=0)):
+                logs[f"lpl/layer/{name}"] = column
+            logs["lpl/nonfinite_samples"] = self.loss.stats.nonfinite_samples
+            logs["lpl/oom_skips"] = float(self.loss.stats.oom_skips)
+        return HookResult(term, logs)

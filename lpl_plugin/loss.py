@@ -1,0 +1,194 @@
+"""Latent Perceptual Loss (Berrada et al., ICLR 2025): distance between VAE-decoder features of z0_hat and z0."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .config import LPLConfig
+from .features import DecoderTrunk
+from .norms import OWN_NORM_EPS, SHARED_NORM_EPS, channel_norm, channel_std, moment_sums, widen
+from .lean import LPLOutOfMemory, StoredGradient, is_out_of_memory, lean_loss, release_cached_memory
+from .outliers import outlier_mask
+from .precision import LossScale, resolve_dtype
+
+log = logging.getLogger("lpl_plugin")
+
+@dataclass
+class LossStats:
+    """Counters of an engine's life for logging; the non-finite count stays on the device (no sync)."""
+
+    calls: int = 0
+    oom_retries: int = 0
+    oom_skips: int = 0
+    nonfinite_samples: Tensor | int = 0
+    last_nonfinite: Tensor | int = 0
+
+    def count_nonfinite(self, bad: Tensor) -> None:
+        """Add the samples whose LPL value or gradient was not finite in this call."""
+        self.last_nonfinite = bad.sum()
+        self.nonfinite_samples = self.nonfinite_samples + self.last_nonfinite
+
+
+class LatentPerceptualLoss(nn.Module):
+    """Per-sample LPL between predicted and target latents (both as the trainer holds them, i.e. scaled).
+
+    Holds a private frozen copy of the decoder stages it needs; the VAE passed in is never changed. `dtype`
+    overrides `lpl_dtype` (float64 gradient checks use it); `device` defaults to the VAE's.
+    """
+
+    def __init__(self, vae: nn.Module, config: LPLConfig | None = None, scaling_factor: float | None = None,
+                 shift_factor: float | None = None, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config if config is not None else LPLConfig(use_lpl=True)
+        self.compat = self.config.lpl_compat == "diffusers"
+        vae_config = getattr(vae, "config", None)
+        if scaling_factor is None:
+            scaling_factor = getattr(vae_config, "scaling_factor", None) or 1.0
+        if shift_factor is None:
+            shift_factor = getattr(vae_config, "shift_factor", None) or 0.0
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
+        if device is None:
+            device = next(vae.parameters()).device
+        dtype = dtype or resolve_dtype(self.config.lpl_dtype, torch.device(device))
+        self.trunk = DecoderTrunk(vae, self.config.lpl_num_blocks, use_post_quant_conv=not self.compat,
+                                  dtype=dtype, device=device)
+        self.layer_weights = self._layer_weights()
+        self.outlier_factors = self._outlier_factors()
+        self.chunk_size = self.config.lpl_chunk_size
+        self.loss_scale = LossScale(dtype, self.trunk.device)
+        self.stats = LossStats()
+        self.last_layer_stats: dict[str, Tensor] = {}
+
+    # -- static layout ---------------------------------------------------------------------------------------
+
+    def _layer_weights(self) -> list[float]:
+        """Per-layer factor: the reference's 2^-min(i, 3) in compat mode, else 1 / upsampling over the mid block."""
+        count = self.trunk.num_layers
+        if not self.config.lpl_pow_law:
+            return [1.0] * count
+        if self.compat:
+            return [2.0 ** -min(i, 3) for i in range(count)]
+        top = self.trunk.downsample_factors[0]
+        return [f / top for f in self.trunk.downsample_factors]
+
+    def _outlier_factors(self) -> list[int | None]:
+        """Downsampling factor used for each masked layer (None: not masked).
+
+        Compat: the reference's fixed indices (2 -> 2; 3 and 4 -> 1). Default: every map at most 2x below the
+        decoder output, its factor read from the decoder's layout (the same three maps for SDXL).
+        """
+        if not self.config.lpl_remove_outliers:
+            return [None] * self.trunk.num_layers
+        if self.compat:
+            fixed = {2: 2, 3: 1, 4: 1}
+            return [fixed.get(i) for i in range(self.trunk.num_layers)]
+        return [f if f <= 2 else None for f in self.trunk.downsample_factors]
+
+    @property
+    def num_layers(self) -> int:
+        """Number of compared feature maps (1 + lpl_num_blocks)."""
+        return self.trunk.num_layers
+
+    # -- math ------------------------------------------------------------------------------------------------
+
+    def unscale(self, latents: Tensor) -> Tensor:
+        """Trainer-scaled latents back to the VAE's latent space: z / scaling_factor + shift_factor."""
+        return widen(latents) / self.scaling_factor + self.shift_factor
+
+    def target_features(self, target_latents: Tensor) -> list[Tensor]:
+        """Decoder features of the target latents, outside any autograd graph."""
+        with torch.no_grad():
+            return self.trunk(self.unscale(target_latents))
+
+    def prepare_targets(self, features: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
+        """Target features in (at least) float32 with outliers zeroed, paired with their masks."""
+        prepared = []
+        for y, factor in zip(features, self.outlier_factors):
+            y = widen(y)
+            mask = None
+            if factor is not None:
+                mask = outlier_mask(y, factor, exact_reference=self.compat)
+                y = y * mask
+            prepared.append((y, mask))
+        return prepared
+
+    def batch_scales(self, targets: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
+        """Per-channel std of each target map over batch and space (masked pixels excluded)."""
+        return [channel_std(moment_sums(y, mask), y.dtype) for y, mask in targets]
+
+    def layer_distances(self, pred_features: list[Tensor], targets: list[tuple[Tensor, Tensor | None]],
+                        batch_scales: list[Tensor] | None = None) -> Tensor:
+        """Weighted distance per sample and layer, shape (B, num_layers)."""
+        rows = []
+        norm = self.config.lpl_norm_type
+        for i, (x, (y, mask)) in enumerate(zip(pred_features, targets)):
+            x = widen(x)
+            if mask is not None and not self.compat:
+                x = x * mask  # the reference masks only the target, so outliers still shift the prediction's norm
+            if norm == "default":
+                x = x / (channel_norm(x) + OWN_NORM_EPS)
+                y = y / (channel_norm(y) + OWN_NORM_EPS)
+            elif norm == "shared":
+                scale = channel_norm(y) + SHARED_NORM_EPS
+                x, y = x / scale, y / scale
+            elif not self.compat:  # batch: the reference leaves features raw here
+                scales = batch_scales[i] if batch_scales is not None else channel_std(moment_sums(y, mask), y.dtype)
+                x, y = x / scales, y / scales
+            diff = x - y
+            term = diff.square() if self.config.lpl_loss_type == "mse" else diff.abs()
+            if mask is None:
+                per_channel = term.mean(dim=(2, 3))
+            else:
+                kept = mask.sum(dim=(2, 3))
+                per_channel = (term * mask).sum(dim=(2, 3)) / (kept if self.compat else kept.clamp_min(1))
+            rows.append(per_channel.mean(dim=1) * self.layer_weights[i])
+        return torch.stack(rows, dim=1)
+
+    def distances(self, pred_latents: Tensor, target_latents: Tensor,
+                  batch_scales: list[Tensor] | None = None, checkpointing: str = "none") -> Tensor:
+        """Plain autograd: (B, num_layers) distances differentiable w.r.t. pred_latents."""
+        targets = self.prepare_targets(self.target_features(target_latents))
+        if self.config.lpl_norm_type == "batch" and batch_scales is None:
+            batch_scales = self.batch_scales(targets)
+        features = self.trunk(self.unscale(pred_latents), checkpointing)
+        return self.layer_distances(features, targets, batch_scales)
+
+    def forward(self, pred_latents: Tensor, target_latents: Tensor, *,
+                return_layers: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Per-sample LPL (B,), mean over layers; with `return_layers` also the (B, 1 + num_blocks) breakdown."""
+        self.stats.calls += 1
+        if pred_latents.shape != target_latents.shape or pred_latents.dim() != 4:
+            raise ValueError(f"LPL needs pred and target latents of equal shape B x C x H x W, got "
+                             f"{tuple(pred_latents.shape)} and {tuple(target_latents.shape)}")
+        target_latents = target_latents.detach()
+        try:
+            per_sample, layers = self._compute(pred_latents, target_latents)
+        except Exception as error:
+            if not (isinstance(error, LPLOutOfMemory) or is_out_of_memory(error)):
+                raise
+            release_cached_memory(self.trunk.device)
+            self.stats.oom_skips += 1
+            log.warning("LPL skipped for this step: out of memory even for one sample (%d steps skipped so far); "
+                        "lower lpl_num_blocks, or set lpl_checkpointing = \"resnet\" or lpl_dtype = \"bfloat16\"",
+                        self.stats.oom_skips)
+            layers = widen(pred_latents.new_zeros(pred_latents.shape[0], self.num_layers))
+            per_sample = StoredGradient.apply(pred_latents, layers.sum(dim=1), torch.zeros_like(pred_latents))
+        return (per_sample, layers) if return_layers else per_sample
+
+    def _compute(self, pred_latents: Tensor, target_latents: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample LPL and its detached (B, L) breakdown, through the lean or the plain autograd path."""
+        checkpointing = self.config.lpl_checkpointing
+        if self.config.lpl_grad_mode == "lean" and pred_latents.requires_grad and torch.is_grad_enabled():
+            return lean_loss(self, pred_latents, target_latents, checkpointing)
+        layers = self.distances(pred_latents, target_latents, checkpointing=checkpointing)
+        finite = torch.isfinite(layers).all(dim=1)
+        self.stats.count_nonfinite(~finite)
+        layers = torch.where(finite[:, None], layers, torch.zeros_like(layers))
+        return layers.sum(dim=1) / self.num_layers, layers.detach()
+

@@ -1,0 +1,108 @@
+"""The options as data for GUIs and parsers: a field list, JSON Schema, per-key validation and argparse arguments."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Mapping
+
+from .config import ALIASES, LPLConfig, fields
+from .toml_io import config_from_toml
+
+_JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def options() -> list[dict[str, Any]]:
+    """One record per option: name, type, default, minimum/maximum/step, choices, help, group, only_when_enabled."""
+    default = LPLConfig()
+    records = []
+    for f in fields():
+        meta = f.metadata
+        records.append({
+            "name": f.name,
+            "type": _JSON_TYPES[f.type],
+            "default": getattr(default, f.name),
+            "minimum": meta["minimum"],
+            "maximum": meta["maximum"],
+            "exclusive_minimum": meta["exclusive_minimum"],
+            "step": meta["step"],
+            "choices": list(meta["choices"]) if meta["choices"] else None,
+            "help": meta["help"],
+            "group": meta["group"],
+            "only_when_enabled": f.name != "use_lpl",
+        })
+    return records
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of the lpl block; trainer keys beside it are allowed."""
+    properties: dict[str, Any] = {}
+    for record in options():
+        prop: dict[str, Any] = {"type": record["type"], "default": record["default"], "description": record["help"]}
+        if record["choices"]:
+            prop["enum"] = record["choices"]
+        if record["minimum"] is not None:
+            prop["exclusiveMinimum" if record["exclusive_minimum"] else "minimum"] = record["minimum"]
+        if record["maximum"] is not None:
+            prop["maximum"] = record["maximum"]
+        if record["step"] is not None:
+            prop["x-step"] = record["step"]
+        prop["x-group"] = record["group"]
+        prop["x-only-when-enabled"] = record["only_when_enabled"]
+        properties[record["name"]] = prop
+    for alias, target in ALIASES.items():
+        properties[alias] = {"$ref": f"#/properties/{target}", "description": f"Alias of {target}."}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "lpl-plugin options",
+        "description": LPLConfig.__doc__,
+        "type": "object",
+        "properties": properties,
+    }
+
+
+def validate(mapping: Mapping[str, Any], *, source: str = "") -> dict[str, list[str]]:
+    """Per-key error messages for a mapping of options (empty when valid); '' collects errors with no key."""
+    _, problems = config_from_toml(mapping, source=source)
+    errors: dict[str, list[str]] = {}
+    for problem in problems:
+        errors.setdefault(problem.key, []).append(problem.message)
+    return errors
+
+
+def parse_bool(text: str) -> bool:
+    """A command-line boolean: true/false, 1/0, yes/no, on/off."""
+    lowered = str(text).strip().lower()
+    if lowered in TRUE_WORDS:
+        return True
+    if lowered in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add `--use_lpl` and `--lpl_*` to a parser; each defaults to None so a TOML value is kept unless given."""
+    group = parser.add_argument_group("Latent Perceptual Loss (lpl-plugin)")
+    for record in options():
+        name, kind = record["name"], record["type"]
+        default_text = str(record["default"]).lower() if kind == "boolean" else record["default"]
+        text = f"{record['help']} (default: {default_text})"
+        existing = {a for action in parser._actions for a in action.option_strings}
+        if f"--{name}" in existing:
+            continue
+        if kind == "boolean":
+            group.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, default=None,
+                               metavar="true|false", help=text)
+        elif record["choices"]:
+            group.add_argument(f"--{name}", choices=record["choices"], default=None, help=text)
+        else:
+            group.add_argument(f"--{name}", type=int if kind == "integer" else float, default=None, help=text)
+    return group
+
+
+def namespace_options(namespace: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """The LPL options present (not None) in a parsed namespace or a flat mapping."""
+    items = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
+    names = {record["name"] for record in options()} | set(ALIASES)
+    return {k: v for k, v in items.items() if (k in names or k.startswith("lpl_")) and v is not None}

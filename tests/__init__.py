@@ -1,0 +1,1 @@
+"""lpl-plugin test suite."""

@@ -1,0 +1,147 @@
+"""The built-in `lpl` hook: gating, start step, weights, reduction, logging, and a real tiny training loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lpl_plugin import HookRegistry, LossContext, LPLConfig, LPLHook, predict_z0
+from lpl_plugin.tiny import sdxl_conditioning, tiny_unet
+
+
+@pytest.fixture(scope="module")
+def scheduler():
+    """SDXL's training noise schedule."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def step_context(scheduler, timesteps, *, step=0, prediction_type="epsilon", seed=0, **changes):
+    """A LossContext for a batch with the given timesteps and an imperfect prediction."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(timesteps)
+    z0 = torch.randn(batch, 4, 8, 8, generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.tensor(timesteps)
+    x_t = scheduler.add_noise(z0, noise, t)
+    pred = (noise + 0.2 * torch.randn(z0.shape, generator=g)).requires_grad_(True)
+    fields = dict(latents=z0, noisy_latents=x_t, timesteps=t, model_pred=pred, target=noise,
+                  prediction_type=prediction_type, alphas_cumprod=scheduler.alphas_cumprod, step=step)
+    fields.update(changes)
+    return LossContext(**fields)
+
+
+def hook_registry(vae, **options):
+    """A registry holding only the lpl hook built with the given options."""
+    registry = HookRegistry()
+    hook = LPLHook(vae, LPLConfig(use_lpl=True, **options))
+    registry.register("lpl", hook)
+    return registry, hook
+
+
+def test_gate_zeroes_samples_above_threshold(vae, scheduler):
+    registry, hook = hook_registry(vae, lpl_scale=False)
+    ctx = step_context(scheduler, [10, 500, 150, 999])
+    applied = registry.apply(ctx)
+    assert (applied.loss[[1, 3]] == 0).all() and (applied.loss[[0, 2]] > 0).all()
+    assert applied.logs["lpl/applied_fraction"] == 0.5
+    z0_hat = predict_z0(ctx.model_pred[[0, 2]], ctx.noisy_latents[[0, 2]], "epsilon", timesteps=ctx.timesteps[[0, 2]],
+                        alphas_cumprod=scheduler.alphas_cumprod)
+    torch.testing.assert_close(applied.loss[[0, 2]], hook.loss(z0_hat, ctx.latents[[0, 2]]))
+
+
+def test_no_gated_sample_skips_the_decoder(vae, scheduler):
+    registry, hook = hook_registry(vae)
+    applied = registry.apply(step_context(scheduler, [400, 900]))
+    assert torch.equal(applied.loss, torch.zeros(2)) and hook.loss.stats.calls == 0
+    assert applied.logs == {"lpl/applied_fraction": 0.0, "lpl/loss": 0.0}
+
+
+def test_start_step_validation_and_off(vae, scheduler):
+    registry, hook = hook_registry(vae, lpl_start=5)
+    assert registry.apply(step_context(scheduler, [10, 20], step=4)).loss.abs().sum() == 0
+    assert registry.apply(step_context(scheduler, [10, 20], step=5)).loss.abs().sum() > 0
+    assert registry.apply(step_context(scheduler, [10, 20], step=9, is_training=False)).loss.abs().sum() == 0
+    off = HookRegistry()
+    off.register("lpl", LPLHook(vae, LPLConfig(use_lpl=False)))
+    assert off.apply(step_context(scheduler, [10, 20])).loss.abs().sum() == 0
+
+
+def test_weight_and_whole_batch_reduction(vae, scheduler):
+    ctx = step_context(scheduler, [10, 20, 800, 900])
+    one = hook_registry(vae, lpl_scale=False)[0].apply(ctx).loss
+    two = hook_registry(vae, lpl_scale=False, lpl_weight=2.0)[0].apply(ctx).loss
+    torch.testing.assert_close(two, 2 * one)
+    compat = hook_registry(vae, lpl_scale=False, lpl_compat="diffusers")[0]
+    compat_value = compat.apply(ctx).loss
+    reference_style = compat.get("lpl").loss(  # the reference: mean over the gated samples only
+        predict_z0(ctx.model_pred[:2], ctx.noisy_latents[:2], "epsilon", timesteps=ctx.timesteps[:2],
+                   alphas_cumprod=scheduler.alphas_cumprod), ctx.latents[:2]).mean()
+    torch.testing.assert_close(compat_value.mean(), reference_style)
+
+
+def test_scale_uses_host_weights_or_min_snr(vae, scheduler):
+    ctx = step_context(scheduler, [10, 150])
+    plain = hook_registry(vae, lpl_scale=False)[0].apply(ctx).loss
+    host = torch.tensor([0.25, 4.0])
+    with_host = hook_registry(vae)[0].apply(step_context(scheduler, [10, 150], noise_weights=host)).loss
+    torch.testing.assert_close(with_host, plain * host)
+    snr = scheduler.alphas_cumprod[[10, 150]] / (1 - scheduler.alphas_cumprod[[10, 150]])
+    own = hook_registry(vae, lpl_snr_gamma=5.0)[0].apply(ctx).loss
+    torch.testing.assert_close(own, plain * torch.clamp(snr, max=5.0) / snr)
+    compat = hook_registry(vae, lpl_compat="diffusers")[0].apply(ctx).loss  # reference: no gamma, no scaling
+    torch.testing.assert_close(compat, hook_registry(vae, lpl_compat="diffusers", lpl_scale=False)[0].apply(ctx).loss)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow_matching"])
+def test_every_prediction_type(vae, scheduler, prediction_type):
+    registry, _ = hook_registry(vae)
+    sigmas = torch.tensor([0.05, 0.1]) if prediction_type == "flow_matching" else None
+    ctx = step_context(scheduler, [10, 100], prediction_type=prediction_type, sigmas=sigmas)
+    applied = registry.apply(ctx)
+    assert torch.isfinite(applied.loss).all() and (applied.loss > 0).all()
+    applied.loss.sum().backward()
+    assert ctx.model_pred.grad.abs().sum() > 0
+
+
+def test_logging_only_on_log_steps(vae, scheduler):
+    registry, _ = hook_registry(vae)
+    quiet = registry.apply(step_context(scheduler, [10, 20]))
+    assert not any(k.startswith("lpl/layer/") for k in quiet.logs)
+    assert all(not isinstance(v, torch.Tensor) or v.grad_fn is None for v in quiet.logs.values())
+    loud = registry.apply(step_context(scheduler, [10, 20], log_stats=True))
+    assert {f"lpl/layer/{n}" for n in ["mid", "up0", "up1", "up2", "up3"]} <= set(loud.logs)
+
+
+def train(vae, scheduler, use_lpl: bool, steps: int = 3):
+    """A few optimizer steps of a tiny SDXL-shaped UNet with the registry at the loss; returns the UNet."""
+    unet = tiny_unet(seed=1)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    registry = HookRegistry()
+    registry.register("lpl", LPLHook(vae, LPLConfig(use_lpl=use_lpl, lpl_t_threshold=1000)))
+    text, added = sdxl_conditioning(2, 64)
+    g = torch.Generator().manual_seed(0)
+    grads = []
+    for step in range(steps):
+        z0 = torch.randn(2, 4, 8, 8, generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, 1000, (2,), generator=g)
+        x_t = scheduler.add_noise(z0, noise, t)
+        pred = unet(x_t, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
+        per_sample = torch.nn.functional.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        ctx = LossContext(latents=z0, noisy_latents=x_t, timesteps=t, model_pred=pred, target=noise,
+                          alphas_cumprod=scheduler.alphas_cumprod, step=step)
+        loss = (per_sample + registry.apply(ctx).loss).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        grads.append(unet.conv_in.weight.grad.clone())
+        optimizer.step()
+    return unet, grads
+
+
+def test_lpl_gradient_reaches_the_unet(vae, scheduler):
+    with_lpl, grads_on = train(vae, scheduler, True)
+    without, grads_off = train(vae, scheduler, False)
+    assert not torch.allclose(grads_on[0], grads_off[0])
+    assert all(torch.isfinite(p).all() for p in with_lpl.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(with_lpl.parameters(), without.parameters()))
