@@ -1,5 +1,13 @@
 """Latent Perceptual Loss (Berrada et al., ICLR 2025) for the SDXL trainers people already run."""
 
+from pathlib import Path as _Path
+
+# In a source checkout `patches/` and `configs/` sit beside this package; setup.cfg's package_dir installs them
+# as `lpl_plugin.patches` and `lpl_plugin.configs`. Mirror that mapping so both import the same way from source.
+_checkout = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "patches").is_dir() and (_checkout / "setup.cfg").is_file():
+    __path__.append(str(_checkout))  # type: ignore[name-defined]  # noqa: F821
+
 from .config import ConfigError, LPLConfig, Problem
 from .diffusion import min_snr_weight, predict_z0, snr
 from .errors import UserError

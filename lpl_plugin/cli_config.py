@@ -5,32 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, LPLConfig, is_lpl_key
+from .config import LPLConfig
+from .preflight import check_training_config
 from .schema import json_schema
-from .toml_io import check_file, read_toml, render_toml
-
-
-def validate_file(path: str) -> tuple[LPLConfig, list[str]]:
-    """Validate a TOML file; returns the config and warnings, or raises ConfigError with every problem."""
-    config, problems = check_file(path)
-    if problems:
-        raise ConfigError(problems)
-    assert config is not None
-    warnings = []
-    data, _ = read_toml(path)
-    keys = {k for k, v in (data or {}).items() if not isinstance(v, dict)}
-    keys |= {k for v in (data or {}).values() if isinstance(v, dict) for k in v}
-    if not config.use_lpl and "use_lpl" not in keys and "lpl_enabled" not in keys and any(map(is_lpl_key, keys)):
-        warnings.append(f"{path}: warning: lpl_* keys are set but `use_lpl` is not, so LPL is off; "
-                        "add `use_lpl = true` to turn it on")
-    return config, warnings
+from .toml_io import render_toml
 
 
 def _validate(args: argparse.Namespace) -> int:
     """Check a trainer TOML; print the effective settings."""
-    config, warnings = validate_file(args.config)
-    for line in warnings:
+    checked = check_training_config(args.config)
+    for line in checked.warnings:
         print(line, file=sys.stderr)
+    config = checked.raise_for_problems()
     state = "on" if config.use_lpl else "off"
     print(f"# {args.config}: valid; LPL is {state}. Effective settings:")
     print(render_toml(config, comments=False), end="")
