@@ -11,16 +11,22 @@ if not (_Path(__file__).parent / "patches").is_dir() and (_checkout / "setup.cfg
 from .config import ConfigError, LPLConfig, Problem
 from .diffusion import min_snr_weight, predict_z0, snr
 from .errors import UserError
+from .guard import NonFiniteLPLError
+from .gui import launch_command
 from .hook import LPLHook
 from .loss import LatentPerceptualLoss
+from .preflight import Preflight, check_training_config, check_training_mapping
 from .registry import ENTRY_POINT_GROUP, HookRegistry, HookResult, LossContext, registry
 from .schema import add_arguments, json_schema, options, validate
 from .toml_io import load_config, render_toml
+from .vae_io import load_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ENTRY_POINT_GROUP", "HookRegistry", "HookResult", "LPLConfig", "LPLHook", "LatentPerceptualLoss",
-    "LossContext", "Problem", "UserError", "add_arguments", "json_schema", "load_config", "min_snr_weight",
-    "options", "predict_z0", "registry", "render_toml", "snr", "validate",
+    "ConfigError", "ENTRY_POINT_GROUP", "HookRegistry", "HookResult", "LPLConfig", "LPLHook",
+    "LatentPerceptualLoss", "LossContext", "NonFiniteLPLError", "Preflight", "Problem", "UserError",
+    "add_arguments", "check_training_config", "check_training_mapping", "json_schema", "launch_command",
+    "load_config", "load_vae", "min_snr_weight", "options", "predict_z0", "registry", "render_toml", "snr",
+    "validate",
 ]

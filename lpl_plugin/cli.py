@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 from .errors import UserError
 
 # Modules that add subcommands: each defines `add_commands(subparsers)` and sets `func` on its parsers.
-COMMAND_MODULES = ("lpl_plugin.cli_config",)
+COMMAND_MODULES = ("lpl_plugin.cli_config", "lpl_plugin.demo.cli", "lpl_plugin.cli_inspect", "lpl_plugin.bench",
+                   "lpl_plugin.cli_doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:

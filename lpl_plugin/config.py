@@ -66,6 +66,10 @@ class LPLConfig:
                                      "'block', 'resnet' (least memory), or 'auto' (resnet-level for "
                                      "full-resolution stages only).",
                                      choices=("auto", "none", "block", "resnet"), group="engine")
+    lpl_max_bad_steps: int = _option(50, "Stop the run after this many LPL evaluations in a row whose value or "
+                                     "gradient was not finite (inf/NaN), usually an fp16 VAE overflowing; "
+                                     "0 never stops. Bad samples always contribute zero.", minimum=0, step=1,
+                                     group="engine")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], *, source: str = "<mapping>") -> "LPLConfig":

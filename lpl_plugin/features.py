@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import choose_attention
+from .frozen import freeze_layers
 
 log = logging.getLogger("lpl_plugin")
 
@@ -59,6 +60,7 @@ class DecoderTrunk(nn.Module):
         self.up_blocks = nn.ModuleList(copy.deepcopy(b) for b in decoder.up_blocks[:num_blocks])
         self.requires_grad_(False)
         self.eval()
+        freeze_layers(self)
         self.to(device=device, dtype=dtype)
         self.dtype = dtype
         self.device = torch.device(device)
@@ -92,16 +94,29 @@ class DecoderTrunk(nn.Module):
             x = checkpoint(part, x, use_reentrant=False)
         return x
 
-    def forward(self, z: Tensor, checkpointing: str = "none") -> list[Tensor]:
-        """Feature maps (mid block output, then each up block's) of already unscaled latents z."""
+    def no_autocast(self) -> torch.autocast:
+        """A context that turns the host's autocast off, so the decoder runs in its own dtype."""
+        return torch.autocast(self.device.type, enabled=False)
+
+    def stem(self, z: Tensor) -> Tensor:
+        """`[post_quant_conv] -> conv_in` of already unscaled latents, in the decoder's dtype."""
         x = z.to(self.dtype)
         if self.post_quant_conv is not None:
             x = self.post_quant_conv(x)
-        x = self.conv_in(x)
+        return self.conv_in(x)
+
+    def stage(self, index: int, x: Tensor, checkpointing: str = "none") -> Tensor:
+        """The output of stage `index` (0 = mid block) given the previous stage's output."""
+        return self._run(index, self._stages()[index], x, checkpointing)
+
+    def forward(self, z: Tensor, checkpointing: str = "none") -> list[Tensor]:
+        """Feature maps (mid block output, then each up block's) of already unscaled latents z."""
         features = []
-        for index, stage in enumerate(self._stages()):
-            x = self._run(index, stage, x, checkpointing)
-            features.append(x)
+        with self.no_autocast():
+            x = self.stem(z)
+            for index in range(self.num_layers):
+                x = self.stage(index, x, checkpointing)
+                features.append(x)
         return features
 
 

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .config import LPLConfig
 from .diffusion import min_snr_weight, predict_z0, snr
+from .guard import NonFiniteGuard, finite_gradient
 from .loss import LatentPerceptualLoss
 from .registry import HookResult
 
@@ -28,6 +29,18 @@ class LPLHook:
         self.config = config
         self.loss = LatentPerceptualLoss(vae, config, scaling_factor, shift_factor, device=device)
         self.compat = config.lpl_compat == "diffusers"
+        self.guard = NonFiniteGuard(config.lpl_max_bad_steps, self.loss.trunk.dtype, self.loss.trunk.device)
+
+    def _gate(self, timesteps: Tensor) -> tuple[Tensor, int]:
+        """Indices of the samples with t < lpl_t_threshold, read with the guard's streak in the step's one sync.
+
+        The streak counts earlier evaluations, so a run stops at the call after its last allowed bad one.
+        """
+        gate = (timesteps < self.config.lpl_t_threshold).flatten()
+        streak = self.guard.streak
+        flags = torch.cat([gate.to(device=streak.device, dtype=torch.int64), streak.reshape(1)]).tolist()
+        index = [i for i, flag in enumerate(flags[:-1]) if flag]
+        return torch.tensor(index, dtype=torch.long, device=timesteps.device), int(flags[-1])
 
     def noise_level_weights(self, timesteps: Tensor, prediction_type: str, alphas_cumprod: Tensor | None,
                             sigmas: Tensor | None, noise_weights: Tensor | None,
@@ -56,8 +69,9 @@ class LPLHook:
         term = torch.zeros(batch, device=latents.device, dtype=torch.float32)
         if not (self.config.use_lpl and is_training and step >= self.config.lpl_start):
             return HookResult(term, {})
-        # The one host sync per step: which samples are gated, so the decoder runs for those alone.
-        index = torch.nonzero(timesteps < self.config.lpl_t_threshold).flatten()
+        # The one host sync per step: which samples are gated (the decoder runs for those alone), and the guard.
+        index, streak = self._gate(timesteps)
+        self.guard.check(streak)
         gated = int(index.numel())
         logs: dict[str, Tensor | float] = {"lpl/applied_fraction": gated / batch}
         if gated == 0:
@@ -66,7 +80,10 @@ class LPLHook:
         pick = (lambda t: None if t is None else t[index]) if gated < batch else (lambda t: t)
         z0_hat = predict_z0(model_pred[index], noisy_latents[index], prediction_type, timesteps=timesteps[index],
                             alphas_cumprod=alphas_cumprod, sigmas=pick(sigmas))
-        per_sample, layers = self.loss(z0_hat, latents[index], return_layers=True)
+        skipped = self.loss.stats.oom_skips
+        per_sample, layers = self.loss(finite_gradient(z0_hat), latents[index], return_layers=True)
+        if self.loss.stats.oom_skips == skipped:  # an out-of-memory skip neither breaks nor extends a streak
+            self.guard.record(self.loss.stats.last_nonfinite)
         weights = self.noise_level_weights(timesteps[index], prediction_type, alphas_cumprod, pick(sigmas),
                                            pick(noise_weights), snr_gamma)
         value = per_sample if weights is None else per_sample * weights.to(per_sample.device)
@@ -78,5 +95,6 @@ class LPLHook:
             for name, column in zip(self.loss.trunk.stage_names, layers.mean(dim=0)):
                 logs[f"lpl/layer/{name}"] = column
             logs["lpl/nonfinite_samples"] = self.loss.stats.nonfinite_samples
+            logs["lpl/nonfinite_steps"] = self.guard.bad_steps
             logs["lpl/oom_skips"] = float(self.loss.stats.oom_skips)
         return HookResult(term, logs)

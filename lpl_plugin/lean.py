@@ -63,19 +63,34 @@ class StoredGradient(torch.autograd.Function):
 
 def _chunk(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor, batch_scales: list[Tensor] | None,
            checkpointing: str, scale: LossScale) -> tuple[Tensor, Tensor]:
-    """Distances (b, L) and d(per-sample LPL)/d pred for one chunk; every decoder activation is freed on return."""
-    targets = engine.prepare_targets(engine.target_features(target))
-    if engine.config.lpl_norm_type == "batch" and batch_scales is None:
-        batch_scales = engine.batch_scales(targets)
+    """Distances (b, L) and d(per-sample LPL)/d pred for one chunk; every decoder activation is freed on return.
+
+    Target and prediction run through the decoder stage by stage side by side; each layer's distance gradient is
+    taken as soon as both maps exist, and one backward through the (lean) decoder graph finishes the chunk.
+    """
+    trunk = engine.trunk
+    factor = scale.value / engine.num_layers if scale.active else 1.0 / engine.num_layers
     x = widen(pred.detach()).requires_grad_(True)
-    with torch.enable_grad():
-        features = engine.trunk(engine.unscale(x), checkpointing)
-        layers = engine.layer_distances(features, targets, batch_scales)
-        total = layers.sum() / engine.num_layers
-        (grad,) = torch.autograd.grad(total * scale.value if scale.active else total, x)
-    if scale.active:
-        grad = grad / scale.value
-    return layers.detach(), grad
+    rows, roots, grads = [], [], []
+    with trunk.no_autocast():
+        with torch.no_grad():
+            y = trunk.stem(engine.unscale(target))
+        with torch.enable_grad():
+            h = trunk.stem(engine.unscale(x))
+        for index in range(engine.num_layers):
+            with torch.no_grad():
+                y = trunk.stage(index, y)
+            with torch.enable_grad():
+                h = trunk.stage(index, h, checkpointing)
+            row, grad = engine.layer_gradient(index, h, y, None if batch_scales is None else batch_scales[index])
+            rows.append(row)
+            roots.append(h)
+            grads.append(grad.mul_(factor).to(h.dtype))
+        del y, h
+        torch.autograd.backward(roots, grads)
+    del roots, grads
+    grad_x = x.grad if not scale.active else x.grad / scale.value
+    return torch.stack(rows, dim=1), grad_x
 
 
 def _target_batch_scales(engine: "LatentPerceptualLoss", target: Tensor) -> list[Tensor]:

@@ -106,48 +106,96 @@ class LatentPerceptualLoss(nn.Module):
         with torch.no_grad():
             return self.trunk(self.unscale(target_latents))
 
+    def prepare_target(self, index: int, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One target map in (at least) float32 with outliers zeroed, paired with its mask."""
+        y = widen(y)
+        factor = self.outlier_factors[index]
+        if factor is None:
+            return y, None
+        mask = outlier_mask(y, factor, exact_reference=self.compat)
+        return y * mask, mask
+
     def prepare_targets(self, features: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
         """Target features in (at least) float32 with outliers zeroed, paired with their masks."""
-        prepared = []
-        for y, factor in zip(features, self.outlier_factors):
-            y = widen(y)
-            mask = None
-            if factor is not None:
-                mask = outlier_mask(y, factor, exact_reference=self.compat)
-                y = y * mask
-            prepared.append((y, mask))
-        return prepared
+        return [self.prepare_target(i, y) for i, y in enumerate(features)]
 
     def batch_scales(self, targets: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
         """Per-channel std of each target map over batch and space (masked pixels excluded)."""
         return [channel_std(moment_sums(y, mask), y.dtype) for y, mask in targets]
 
+    def layer_distance(self, index: int, x: Tensor, y: Tensor, mask: Tensor | None,
+                       batch_scale: Tensor | None = None) -> Tensor:
+        """Weighted distance per sample (B,) between predicted map x and prepared target map y of one layer."""
+        norm = self.config.lpl_norm_type
+        x = widen(x)
+        if mask is not None and not self.compat:
+            x = x * mask  # the reference masks only the target, so outliers still shift the prediction's norm
+        if norm == "default":
+            x = x / (channel_norm(x) + OWN_NORM_EPS)
+            y = y / (channel_norm(y) + OWN_NORM_EPS)
+        elif norm == "shared":
+            scale = channel_norm(y) + SHARED_NORM_EPS
+            x, y = x / scale, y / scale
+        elif not self.compat:  # batch: the reference leaves features raw here
+            scales = batch_scale if batch_scale is not None else channel_std(moment_sums(y, mask), y.dtype)
+            x, y = x / scales, y / scales
+        diff = x - y
+        term = diff.square() if self.config.lpl_loss_type == "mse" else diff.abs()
+        if mask is None:
+            per_channel = term.mean(dim=(2, 3))
+        else:
+            kept = mask.sum(dim=(2, 3))
+            per_channel = (term * mask).sum(dim=(2, 3)) / (kept if self.compat else kept.clamp_min(1))
+        return per_channel.mean(dim=1) * self.layer_weights[index]
+
+    def layer_gradient(self, index: int, x: Tensor, target: Tensor,
+                       batch_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One layer's distance per sample (B,) and its gradient w.r.t. map x, from the raw target map.
+
+        Same value as `layer_distance`, with few full-size temporaries: for 'shared' and 'batch' normalization
+        (and the reference's raw 'batch') the gradient is written out. With u = m (x - y) / s, per channel
+        d = w / (C K) * sum(u^2) and grad = 2 w / (C K) * u / s (MSE), or sum|u| and sign(u) / s (L1), where m
+        is the outlier mask, K the kept pixels and s the normalizer. 'default' normalization is differentiated
+        locally through `layer_distance`.
+        """
+        y, mask = self.prepare_target(index, target)
+        norm = self.config.lpl_norm_type
+        if norm == "default":
+            leaf = widen(x.detach()).requires_grad_(True)
+            with torch.enable_grad():
+                row = self.layer_distance(index, leaf, y, mask, batch_scale)
+                (grad,) = torch.autograd.grad(row.sum(), leaf)
+            return row.detach(), grad
+        if norm == "shared":
+            scale: Tensor | None = channel_norm(y) + SHARED_NORM_EPS
+        elif self.compat:  # batch: the reference leaves features raw
+            scale = None
+        else:
+            scale = batch_scale if batch_scale is not None else channel_std(moment_sums(y, mask), y.dtype)
+        u = x.detach().to(y.dtype, copy=True).sub_(y)
+        del y
+        if mask is None:
+            kept = torch.full(u.shape[:2], u.shape[2] * u.shape[3], dtype=u.dtype, device=u.device)
+        else:
+            u.mul_(mask)
+            kept = mask.sum(dim=(2, 3)).to(u.dtype)
+            kept = kept if self.compat else kept.clamp_min(1)
+        if scale is not None:
+            u.div_(scale)
+        coef = self.layer_weights[index] / (u.shape[1] * kept)
+        mse = self.config.lpl_loss_type == "mse"
+        sums = torch.linalg.vector_norm(u, ord=2 if mse else 1, dim=(2, 3))
+        row = (coef * (sums.square() if mse else sums)).sum(dim=1)
+        grad = u.mul_(2.0 * coef[..., None, None]) if mse else u.sign_().mul_(coef[..., None, None])
+        if scale is not None:
+            grad.div_(scale)
+        return row, grad
+
     def layer_distances(self, pred_features: list[Tensor], targets: list[tuple[Tensor, Tensor | None]],
                         batch_scales: list[Tensor] | None = None) -> Tensor:
         """Weighted distance per sample and layer, shape (B, num_layers)."""
-        rows = []
-        norm = self.config.lpl_norm_type
-        for i, (x, (y, mask)) in enumerate(zip(pred_features, targets)):
-            x = widen(x)
-            if mask is not None and not self.compat:
-                x = x * mask  # the reference masks only the target, so outliers still shift the prediction's norm
-            if norm == "default":
-                x = x / (channel_norm(x) + OWN_NORM_EPS)
-                y = y / (channel_norm(y) + OWN_NORM_EPS)
-            elif norm == "shared":
-                scale = channel_norm(y) + SHARED_NORM_EPS
-                x, y = x / scale, y / scale
-            elif not self.compat:  # batch: the reference leaves features raw here
-                scales = batch_scales[i] if batch_scales is not None else channel_std(moment_sums(y, mask), y.dtype)
-                x, y = x / scales, y / scales
-            diff = x - y
-            term = diff.square() if self.config.lpl_loss_type == "mse" else diff.abs()
-            if mask is None:
-                per_channel = term.mean(dim=(2, 3))
-            else:
-                kept = mask.sum(dim=(2, 3))
-                per_channel = (term * mask).sum(dim=(2, 3)) / (kept if self.compat else kept.clamp_min(1))
-            rows.append(per_channel.mean(dim=1) * self.layer_weights[i])
+        rows = [self.layer_distance(i, x, y, mask, None if batch_scales is None else batch_scales[i])
+                for i, (x, (y, mask)) in enumerate(zip(pred_features, targets))]
         return torch.stack(rows, dim=1)
 
     def distances(self, pred_latents: Tensor, target_latents: Tensor,

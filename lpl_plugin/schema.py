@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     for record in options():
         name, kind = record["name"], record["type"]
         default_text = str(record["default"]).lower() if kind == "boolean" else record["default"]
-        text = f"{record['help']} (default: {default_text})"
+        text = f"{record['help']} (default: {default_text})".replace("%", "%%")  # argparse formats help with %
         existing = {a for action in parser._actions for a in action.option_strings}
         if f"--{name}" in existing:
             continue

@@ -1,0 +1,367 @@
+"""Benchmark of one LPL call (forward + backward): time, peak extra memory and loss, each variant in its own process.
+
+`python -m lpl_plugin.bench` or `lpl-plugin bench`. Variants run round by round in fresh subprocesses (peak RSS only
+grows within a process), interleaved so that load from other programs spreads evenly over them; the table gives
+the median over rounds of each process's fastest call and ratios against a baseline variant. With `--reference
+PATH/lpl_loss.py` the diffusers research-project loss runs side by side (loaded from that path, never shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UserError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of computing LPL: engine settings (TOML names) or the diffusers reference."""
+
+    name: str
+    description: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    reference: bool = False
+
+
+# The speed-first setting documented in the README: no recomputation, the whole batch in one decoder pass.
+SPEED_FIRST = {"lpl_checkpointing": "none", "lpl_chunk_size": 64}
+
+VARIANTS = {v.name: v for v in (
+    Variant("reference", "diffusers research-project `get_loss` (grad_ckpt=True)", reference=True),
+    Variant("lean", "default: lean gradient, per-sample chunks, lpl_checkpointing = \"auto\"", {}),
+    Variant("speed", "speed-first: lean, lpl_checkpointing = \"none\", whole batch per pass", SPEED_FIRST),
+    Variant("lean-none", "lean, lpl_checkpointing = \"none\", per-sample chunks", {"lpl_checkpointing": "none"}),
+    Variant("lean-block", "lean, lpl_checkpointing = \"block\"", {"lpl_checkpointing": "block"}),
+    Variant("lean-resnet", "lean, lpl_checkpointing = \"resnet\" (least memory)", {"lpl_checkpointing": "resnet"}),
+    Variant("autograd", "plain autograd: features kept for the host's backward, no recomputation",
+            {"lpl_grad_mode": "autograd", "lpl_checkpointing": "none"}),
+    Variant("compat", "lpl_compat = \"diffusers\" (same loss as the reference), default engine",
+            {"lpl_compat": "diffusers"}),
+)}
+DEFAULT_VARIANTS = ("lean", "speed", "autograd")
+
+
+# -- measurement inside one worker process ------------------------------------------------------------------------
+
+def _status_kb(field_name: str) -> int | None:
+    """A `kB` field of /proc/self/status, or None where there is no procfs."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int:
+    """Resident memory of this process in bytes."""
+    kb = _status_kb("VmRSS")
+    if kb is not None:
+        return kb * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS counter where Linux allows it, so model construction does not hide LPL's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes (since the last reset where supported)."""
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build_vae(name: str):
+    """A VAE by name: `tiny` (small SDXL layout) or `sdxl` (SDXL's architecture, random weights)."""
+    from .tiny import sdxl_vae, tiny_vae
+
+    if name == "tiny":
+        return tiny_vae()
+    if name == "sdxl":
+        return sdxl_vae()
+    raise UserError(f"--vae must be tiny or sdxl, got {name!r}")
+
+
+def make_latents(batch: int, size: int, seed: int = 0):
+    """A target and a nearby prediction as trainer-scaled latents."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(batch, 4, size, size, generator=g) * 0.8
+    return target + 0.3 * torch.randn(target.shape, generator=g), target
+
+
+def load_reference(path: str):
+    """The `LatentPerceptualLoss` class of a diffusers `lpl_loss.py` given by path."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--reference: no such file {path}")
+    spec = importlib.util.spec_from_file_location("lpl_reference_loss", file)
+    if spec is None or spec.loader is None:
+        raise UserError(f"--reference: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "LatentPerceptualLoss"):
+        raise UserError(f"--reference: {path} has no LatentPerceptualLoss class")
+    return module.LatentPerceptualLoss
+
+
+def _loss_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The loss options shared by every variant."""
+    return {"use_lpl": True, "lpl_num_blocks": args.blocks, "lpl_norm_type": args.norm, "lpl_loss_type": args.loss,
+            "lpl_pow_law": not args.no_pow_law, "lpl_remove_outliers": not args.no_outliers,
+            "lpl_dtype": args.dtype}
+
+
+def _build_call(variant: Variant, vae, args: argparse.Namespace, device):
+    """A function running one forward + backward and returning the mean loss, plus the attention backend used."""
+    import contextlib
+
+    import torch
+
+    from .attention import choose_attention
+    from .config import LPLConfig
+    from .precision import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, device)
+    if variant.reference:
+        reference = load_reference(args.reference)(
+            vae, loss_type=args.loss, grad_ckpt=not args.reference_no_ckpt, pow_law=not args.no_pow_law,
+            norm_type=args.norm, num_mid_blocks=args.blocks, feature_type="feature",
+            remove_outliers=not args.no_outliers)
+        backend = choose_attention(vae.decoder, device, dtype, prefer=args.attention)
+        autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                    else contextlib.nullcontext())
+
+        def call(pred, target):
+            with autocast:
+                value = reference.get_loss(pred, target)
+            value.float().sum().backward()
+            return value.detach().float().mean()
+
+        return call, backend
+    from .loss import LatentPerceptualLoss
+
+    config = LPLConfig.from_mapping({**_loss_settings(args), **variant.settings})
+    engine = LatentPerceptualLoss(vae, config, device=device)
+    backend = choose_attention(engine.trunk, device, engine.trunk.dtype, prefer=args.attention)
+
+    def call(pred, target):
+        value = engine(pred, target)
+        value.sum().backward()
+        return value.detach().mean()
+
+    return call, backend
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure one variant in this (fresh) process; returns times, peak extra bytes and the loss."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    variant = VARIANTS[args.worker]
+    vae = build_vae(args.vae).to(device).requires_grad_(False)  # frozen, as a trainer holds it
+    call, backend = _build_call(variant, vae, args, device)
+    pred, target = (t.to(device) for t in make_latents(args.batch, args.latent, args.seed))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        reset_peak_rss()
+        base = current_rss()
+    times, loss = [], 0.0
+    for _ in range(args.calls):
+        leaf = pred.clone().requires_grad_(True)
+        start = time.perf_counter()
+        value = call(leaf, target)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        loss = float(value)
+        del leaf, value
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss()) - base
+    return {"variant": variant.name, "times": times, "peak": peak, "loss": loss, "attention": backend,
+            "device": str(device), "threads": torch.get_num_threads()}
+
+
+# -- orchestration -----------------------------------------------------------------------------------------------
+
+def _worker_argv(args: argparse.Namespace, name: str) -> list[str]:
+    """The command line of one worker process."""
+    argv = [sys.executable, "-m", "lpl_plugin.bench", "--worker", name, "--vae", args.vae, "--batch",
+            str(args.batch), "--latent", str(args.latent), "--blocks", str(args.blocks), "--dtype", args.dtype,
+            "--norm", args.norm, "--loss", args.loss, "--calls", str(args.calls), "--seed", str(args.seed),
+            "--device", args.device, "--attention", args.attention, "--threads", str(args.threads)]
+    argv += ["--no-pow-law"] * args.no_pow_law + ["--no-outliers"] * args.no_outliers
+    argv += ["--reference-no-ckpt"] * args.reference_no_ckpt
+    if args.reference:
+        argv += ["--reference", str(Path(args.reference).resolve())]
+    return argv
+
+
+def _spawn(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """Run one worker process and parse its JSON result."""
+    done = subprocess.run(_worker_argv(args, name), capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"bench variant {name!r} failed (exit {done.returncode}): {tail}")
+    return json.loads(lines[-1])
+
+
+def summarize(results: dict[str, list[dict[str, Any]]], baseline: str | None) -> list[dict[str, Any]]:
+    """One row per variant: median over rounds of the best call, largest peak, loss and ratios to the baseline."""
+    rows = []
+    for name, runs in results.items():
+        rows.append({"variant": name, "description": VARIANTS[name].description,
+                     "time": statistics.median(min(r["times"]) for r in runs),
+                     "peak": max(r["peak"] for r in runs), "loss": runs[-1]["loss"],
+                     "attention": runs[-1]["attention"], "rounds": len(runs)})
+    base = next((r for r in rows if r["variant"] == baseline), None)
+    for row in rows:
+        row["time_ratio"] = row["time"] / base["time"] if base else None
+        row["peak_ratio"] = row["peak"] / base["peak"] if base and base["peak"] > 0 else None
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
+    """The summary as a ready-to-paste markdown table."""
+    ratio = f" vs {baseline}" if baseline else ""
+    lines = [f"| variant | setting | time / call | time{ratio} | peak extra | memory{ratio} | loss |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = f"{r['time_ratio']:.2f}×" if r["time_ratio"] is not None else "–"
+        m = f"{r['peak_ratio']:.2f}×" if r["peak_ratio"] is not None else "–"
+        lines.append(f"| {r['variant']} | {r['description']} | {r['time']:.2f} s | {t} | {r['peak'] / GB:.2f} GB "
+                     f"| {m} | {r['loss']:.6g} |")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run every variant for several interleaved rounds and print the table."""
+    names = list(args.variants or DEFAULT_VARIANTS)
+    if args.reference and "reference" not in names:
+        names.insert(0, "reference")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown bench variant {unknown[0]!r}; valid: {', '.join(VARIANTS)}")
+    if "reference" in names and not args.reference:
+        raise UserError("the reference variant needs --reference PATH/lpl_loss.py")
+    if args.reference:
+        load_reference(args.reference)  # fail early, in this process, on a bad path
+    baseline = args.baseline or ("reference" if "reference" in names else names[0])
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for round_index in range(args.rounds):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for name in order:
+            result = _spawn(args, name)
+            results[name].append(result)
+            print(f"# round {round_index + 1}/{args.rounds} {name}: {min(result['times']):.2f} s, "
+                  f"{result['peak'] / GB:.2f} GB, loss {result['loss']:.6g}", file=sys.stderr, flush=True)
+    rows = summarize(results, baseline)
+    first = results[names[0]][0]
+    if args.json:
+        print(json.dumps({"rows": rows, "settings": vars(args) | {"variants": names}}, indent=2, default=str))
+        return 0
+    memory = "torch.cuda.max_memory_allocated" if first["device"].startswith("cuda") else "peak RSS"
+    print(f"LPL forward + backward: vae={args.vae}, batch={args.batch}, latent={args.latent}x{args.latent}, "
+          f"blocks={args.blocks}, dtype={args.dtype}, norm={args.norm}, loss={args.loss}, "
+          f"pow_law={not args.no_pow_law}, outliers={not args.no_outliers}, device={first['device']}, "
+          f"threads={first['threads']}, attention={first['attention']}; {args.rounds} rounds x {args.calls} "
+          f"calls, median of each process's best call; peak extra = {memory} above the model and inputs.\n")
+    print(markdown_table(rows, baseline))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench options, shared by `lpl-plugin bench` and `python -m lpl_plugin.bench`."""
+    p = parser
+    p.add_argument("--vae", default="sdxl", choices=("tiny", "sdxl"), help="decoder architecture (random weights)")
+    p.add_argument("--batch", type=int, default=2, help="samples per LPL call")
+    p.add_argument("--latent", type=int, default=32, help="latent height and width (pixels / 8)")
+    p.add_argument("--blocks", type=int, default=4, help="lpl_num_blocks")
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="lpl_dtype; the reference runs under autocast to it when it is not float32")
+    p.add_argument("--norm", default="shared", choices=("default", "shared", "batch"), help="lpl_norm_type")
+    p.add_argument("--loss", default="mse", choices=("mse", "l1"), help="lpl_loss_type")
+    p.add_argument("--no-pow-law", action="store_true", help="lpl_pow_law = false")
+    p.add_argument("--no-outliers", action="store_true", help="lpl_remove_outliers = false")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help=f"variants to run (default: {' '.join(DEFAULT_VARIANTS)}); choices: {', '.join(VARIANTS)}")
+    p.add_argument("--reference", metavar="PATH", help="a diffusers examples/research_projects/lpl/lpl_loss.py "
+                   "to run side by side")
+    p.add_argument("--reference-no-ckpt", action="store_true", help="run the reference with grad_ckpt=False")
+    p.add_argument("--baseline", help="variant the ratios refer to (default: reference if run, else the first)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (one fresh process per variant each)")
+    p.add_argument("--calls", type=int, default=2, help="LPL calls per process; the fastest counts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random latents")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "xformers"),
+                   help="decoder attention: auto picks xformers where it runs, else SDPA")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def _resolve_device(args: argparse.Namespace) -> None:
+    """Fill in the default device."""
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _main(args: argparse.Namespace) -> int:
+    """Entry point for both spellings of the command."""
+    _resolve_device(args)
+    for name in ("batch", "latent", "rounds", "calls"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return 0
+    return run_bench(args)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `lpl-plugin bench`."""
+    p = subparsers.add_parser("bench", help="time and memory of one LPL call: lean, plain autograd, reference")
+    add_arguments(p)
+    p.set_defaults(func=_main)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lpl_plugin.bench`."""
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""`lpl-plugin inspect`: per decoder layer LPL compares, the target's feature energy and what outlier removal drops."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import LPLConfig
+from .errors import UserError
+from .norms import channel_norm
+
+MAX_SIDE = 2048
+
+
+@dataclass
+class LayerView:
+    """One compared feature map of the target: its per-pixel energy and the share of its channels masked."""
+
+    name: str
+    channels: int
+    energy: Tensor         # (H, W) channel L2 norm at each pixel
+    dropped: Tensor        # (H, W) fraction of channels masked as outliers at each pixel
+    masked: bool           # whether LPL masks this layer at all
+
+    @property
+    def dropped_percent(self) -> float:
+        """Share of all values of the map that outlier removal drops, in percent."""
+        return 100.0 * float(self.dropped.mean())
+
+
+def load_vae(spec: str) -> tuple[nn.Module, str]:
+    """`tiny` (the tiny SDXL-layout VAE, random weights) or a local diffusers VAE folder (safetensors only)."""
+    if spec == "tiny":
+        from .demo.autoencoder import build_vae
+
+        return build_vae(seed=0), "tiny SDXL-layout VAE (random weights)"
+    from diffusers import AutoencoderKL
+
+    folder = Path(spec)
+    if not folder.is_dir():
+        raise UserError(f"--vae {spec}: not found; pass `tiny` or a diffusers VAE folder (config.json + "
+                        "diffusion_pytorch_model.safetensors)")
+    subfolder = "vae" if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file() else None
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, subfolder=subfolder, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"--vae {spec}: not a loadable diffusers VAE folder with safetensors weights ({first})") from None
+    return vae.eval().requires_grad_(False), str(folder / subfolder if subfolder else folder)
+
+
+def load_image(path: str, resolution: int | None) -> Tensor:
+    """An RGB image as (1, 3, H, W) in [-1, 1]: shorter side resized to `resolution` if given, center-cropped to
+    multiples of 8."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"--image {path}: not found") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise UserError(f"--image {path}: not a readable image ({error})") from None
+    if resolution is not None:
+        scale = resolution / min(image.size)
+        image = image.resize((max(8, round(image.width * scale)), max(8, round(image.height * scale))),
+                             Image.BICUBIC)
+    if max(image.size) > MAX_SIDE:
+        raise UserError(f"--image {path}: {image.width}x{image.height} is larger than {MAX_SIDE} px; pass "
+                        "--resolution to resize it")
+    width, height = image.width // 8 * 8, image.height // 8 * 8
+    if width < 8 or height < 8:
+        raise UserError(f"--image {path}: {image.width}x{image.height} is too small (at least 8x8 px)")
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(height, width, 3)
+    return pixels.permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+@torch.no_grad()
+def layer_views(vae: nn.Module, image: Tensor, config: LPLConfig,
+                device: str = "cpu") -> tuple[list[LayerView], Tensor]:
+    """The target features LPL would compare for this image, each with its energy and outlier mask.
+
+    Uses the engine itself (LatentPerceptualLoss.target_features and prepare_targets), so the masks are the ones
+    applied in training with each layer's factor from `outlier_factors`. Also returns the VAE's reconstruction.
+    """
+    from .loss import LatentPerceptualLoss
+
+    engine = LatentPerceptualLoss(vae, config, device=device)
+    vae = vae.to(device)
+    latents = vae.encode(image.to(device, next(vae.parameters()).dtype)).latent_dist.mean.float()
+    scaled = (latents - engine.shift_factor) * engine.scaling_factor
+    features = engine.target_features(scaled)
+    views = []
+    for name, raw, (_, mask), factor in zip(engine.trunk.stage_names, features, engine.prepare_targets(features),
+                                            engine.outlier_factors):
+        energy = channel_norm(raw.float())[0, 0].cpu()
+        dropped = (1 - mask.float().mean(dim=1))[0].cpu() if mask is not None else torch.zeros_like(energy)
+        views.append(LayerView(name, raw.shape[1], energy, dropped, factor is not None))
+    reconstruction = vae.decode(latents.to(next(vae.parameters()).dtype)).sample.float().cpu()
+    return views, reconstruction
+
+
+def render(views: list[LayerView], image: Tensor, reconstruction: Tensor, path: Path, title: str) -> None:
+    """A PNG: input and reconstruction, then per layer its energy map (top) and dropped-outlier map (bottom)."""
+    from matplotlib.figure import Figure
+
+    columns = len(views) + 1
+    figure = Figure(figsize=(2.6 * columns, 5.6), dpi=110, layout="constrained")
+    axes = figure.subplots(2, columns, squeeze=False)
+    for ax, picture, label in ((axes[0, 0], image, "input"), (axes[1, 0], reconstruction, "VAE reconstruction")):
+        ax.imshow(((picture[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+        ax.set_title(label, fontsize=9)
+    for i, view in enumerate(views, start=1):
+        height, width = view.energy.shape
+        shown = axes[0, i].imshow(view.energy.numpy(), cmap="magma")
+        figure.colorbar(shown, ax=axes[0, i], shrink=0.7)
+        axes[0, i].set_title(f"{view.name}: {view.channels} ch @ {height}x{width}\nenergy |y| per pixel", fontsize=9)
+        shown = axes[1, i].imshow(view.dropped.numpy(), cmap="viridis", vmin=0, vmax=max(0.05, float(view.dropped.max())))
+        figure.colorbar(shown, ax=axes[1, i], shrink=0.7)
+        what = f"outliers dropped: {view.dropped_percent:.2f} %" if view.masked else "not masked"
+        axes[1, i].set_title(f"{view.name}: {what}\nshare of channels masked", fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.suptitle(title, fontsize=10)
+    figure.savefig(path)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    """Write the picture and print one line per layer."""
+    config = LPLConfig(use_lpl=True)
+    if args.config is not None:
+        from .toml_io import load_config
+
+        config = load_config(args.config)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but PyTorch sees no CUDA GPU; use --device cpu")
+    vae, vae_name = load_vae(args.vae)
+    image = load_image(args.image, args.resolution)
+    try:
+        views, reconstruction = layer_views(vae, image, config, args.device)
+    except ValueError as error:  # e.g. lpl_num_blocks beyond this VAE's up blocks
+        raise UserError(f"--vae {args.vae}: {error}") from None
+    out = Path(args.out)
+    if out.parent and not out.parent.is_dir():
+        raise UserError(f"--out {args.out}: folder {out.parent} does not exist")
+    title = (f"What LPL compares: {vae_name}, {Path(args.image).name} at {image.shape[3]}x{image.shape[2]}, "
+             f"lpl_num_blocks = {config.lpl_num_blocks}, lpl_remove_outliers = "
+             f"{str(config.lpl_remove_outliers).lower()}")
+    render(views, image, reconstruction, out, title)
+    for view in views:
+        mask = f"{view.dropped_percent:.2f} % of values dropped as outliers" if view.masked else "not masked"
+        energy = float(view.energy.mean())
+        print(f"{view.name}: {view.channels} ch @ {view.energy.shape[1]}x{view.energy.shape[0]}, mean energy "
+              f"{energy:.4g}{'' if math.isfinite(energy) else ' (not finite!)'}, {mask}")
+    print(f"wrote {out}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register inspect."""
+    p = subparsers.add_parser("inspect", help="picture the decoder features LPL compares and the outliers it drops",
+                              description="Encode an image with a VAE and write a PNG with, for every decoder layer "
+                                          "LPL uses, the target's feature energy (per-pixel channel L2 norm) and the "
+                                          "outlier mask that lpl_remove_outliers applies.")
+    p.add_argument("--vae", required=True, help="`tiny` (built in, random weights), or a local diffusers VAE folder "
+                                                "such as lpl-demo/vae or an SDXL model's vae/ folder (safetensors)")
+    p.add_argument("--image", required=True, help="an image file (PNG, JPEG, ...)")
+    p.add_argument("--out", default="lpl-inspect.png", help="the PNG to write (default: lpl-inspect.png)")
+    p.add_argument("--resolution", type=int, help="resize the image's shorter side to this many pixels first")
+    p.add_argument("--config", help="a TOML with lpl_* keys (default: the recommended settings)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run the VAE (default: cpu)")
+    p.set_defaults(func=_inspect)

@@ -1,0 +1,148 @@
+"""The `lpl-plugin demo` subcommand: options, the LPL settings to use, resuming, and the closing report."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from ..config import LPLConfig
+from ..errors import UserError
+from .settings import DEVICES, MIXED_PRECISION, OPTIMIZERS, DemoSettings, read_settings, resolve
+
+NEEDED = ("matplotlib", "tensorboard", "tqdm")
+DEFAULT_OUT = Path("lpl-demo")
+
+
+def _lpl_settings(path: str | None) -> tuple[LPLConfig, str]:
+    """The LPL settings: `lpl-plugin defaults` (built in), or the `use_lpl`/`lpl_*` keys of a TOML file."""
+    if path is None:
+        return LPLConfig(use_lpl=True), "built-in defaults"
+    from ..preflight import check_training_config
+
+    checked = check_training_config(path)
+    for line in checked.warnings:
+        print(line, file=sys.stderr)
+    config = checked.raise_for_problems()
+    if not config.use_lpl:
+        raise UserError(f"{path}: LPL is off (`use_lpl` is not true), but the demo compares runs with and without "
+                        "LPL; set `use_lpl = true`")
+    return config, str(path)
+
+
+def _check_launch(env: dict[str, str]) -> None:
+    """Refuse `accelerate launch --cpu --num_processes N`: without MPI, accelerate starts one process for it."""
+    asked_for_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    ranked = any(k in env for k in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if asked_for_cpu and "MASTER_ADDR" in env and not ranked:
+        raise UserError("accelerate launch --cpu with --num_processes > 1 starts a single process unless MPI is set "
+                        "up (--mpirun_hostfile); for N processes on this machine's CPUs run: accelerate launch "
+                        "--multi_gpu --num_processes N -m lpl_plugin demo (without GPUs it uses gloo on the CPU), or "
+                        "torchrun --nproc_per_node N -m lpl_plugin demo")
+
+
+def _check_environment(settings: DemoSettings) -> None:
+    """One-line errors for a missing demo dependency, a missing GPU or a launch that would run one process."""
+    import os
+
+    _check_launch(dict(os.environ))
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"the demo needs {', '.join(missing)}; install them with: python -m pip install "
+                        "\"lpl-plugin[demo]\" (or \".[demo]\" in a checkout)")
+    if settings.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device cuda, but PyTorch {torch.__version__} sees no CUDA GPU; use --device cpu")
+
+
+def _set_threads(threads: int | None) -> None:
+    """CPU threads per process: --threads, else $OMP_NUM_THREADS, else 1 (the tiny models gain nothing from more,
+    and on a shared machine extra threads spin against other work)."""
+    import os
+
+    import torch
+
+    if threads is None:
+        given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+        threads = int(given) if given.isdigit() and int(given) > 0 else 1
+    if threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Train the tiny model with and without LPL and write the artifacts."""
+    from .pipeline import check_folder, run_demo
+    from .state import resume_point
+
+    overrides = {k: getattr(args, k) for k in ("steps", "resolution", "batch_size", "seed", "learning_rate",
+                                               "vae_steps", "save_every", "device", "mixed_precision",
+                                               "optimizer")}
+    overrides["progress"] = False if args.no_progress else None
+    checkpoint = None
+    if args.resume is not None:
+        out, checkpoint = resume_point(Path(args.resume))
+        if args.out is not None and Path(args.out).resolve() != out.resolve():
+            raise UserError(f"--out {args.out} differs from the resumed demo's folder {out}; leave --out out")
+        saved, saved_lpl, source = read_settings(out)
+        lpl = saved_lpl
+        if args.config is not None:
+            lpl, source = _lpl_settings(args.config)
+            changed = [k for k, v in lpl.lpl_items().items() if saved_lpl.lpl_items().get(k) != v]
+            if changed:
+                raise UserError(f"--config {args.config} changes {', '.join(changed)} of the interrupted run; "
+                                "leave --config out to resume with its own settings")
+        settings = resolve(overrides, saved)
+    else:
+        out = Path(args.out) if args.out is not None else DEFAULT_OUT
+        settings = resolve(overrides, None)
+        lpl, source = _lpl_settings(args.config)
+        check_folder(out)
+    _check_environment(settings)
+    _set_threads(args.threads)
+    status = run_demo(settings, lpl, source, out, resume=args.resume is not None, checkpoint=checkpoint,
+                      say=print)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return status
+    if status:
+        print(f"stopped; what was written is in {out}; continue with: lpl-plugin demo --resume {out}",
+              file=sys.stderr)
+    else:
+        print(f"done: {out}/losses.png, {out}/samples.png, {out}/summary.json; "
+              f"TensorBoard: tensorboard --logdir {out}/tensorboard")
+    return status
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `demo`."""
+    d = DemoSettings()
+    p = subparsers.add_parser(
+        "demo", help="train a tiny SDXL-shaped model with and without LPL and write plots, samples and logs",
+        description="Train a tiny SDXL-shaped UNet on generated images twice from the same seed, with and without "
+                    "LPL, through the same hook registry the trainer adapters use; write a loss plot, sample "
+                    "grids, TensorBoard logs and summary.json. Runs under `accelerate launch` as well.")
+    p.add_argument("--out", help=f"output folder (default: ./{DEFAULT_OUT}/)")
+    p.add_argument("--config", help="a TOML with use_lpl and lpl_* keys (default: the built-in recommended block)")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per run (default: {d.steps})")
+    p.add_argument("--resolution", type=int, help=f"image side in pixels, a multiple of 32 (default: {d.resolution})")
+    p.add_argument("--batch-size", type=int, help=f"images per step and process (default: {d.batch_size})")
+    p.add_argument("--seed", type=int, help=f"seed of data, weights, noise and sampling (default: {d.seed})")
+    p.add_argument("--learning-rate", type=float, help=f"peak learning rate (default: {d.learning_rate})")
+    p.add_argument("--vae-steps", type=int, help=f"steps fitting the tiny VAE to the images (default: {d.vae_steps})")
+    p.add_argument("--device", choices=DEVICES, help=f"where to train (default: {d.device})")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
+                   help=f"accelerate's autocast for the UNet (default: {d.mixed_precision})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=f"adamw8bit (bitsandbytes; torch's AdamW where it cannot run) or adamw (default: {d.optimizer})")
+    p.add_argument("--save-every", type=int,
+                   help="save a resumable state every N steps (default: 0, only when stopped by SIGTERM or Ctrl-C)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue an interrupted demo: its --out folder (each run's latest state) or one checkpoint")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: $OMP_NUM_THREADS, else 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_demo)

@@ -1,0 +1,293 @@
+"""One demo training run: accelerate, 8-bit AdamW, and the LPL hook applied at the loss through the hook registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import LPLConfig
+from ..hook import LPLHook
+from ..registry import HookRegistry, LossContext
+from ..tiny import SDXL_SCALING_FACTOR, tiny_unet
+from .data import Conditioning, batch_indices, batch_noise
+from .settings import DemoSettings
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .stopping import StopRequest
+
+WARMUP_STEPS = 10
+MAX_GRAD_NORM = 1.0
+LOG_STATS_EVERY = 10
+METRICS_FILE = "metrics.jsonl"
+# Scalars reduced across processes every step, in this order; per-layer LPL sums follow.
+_REDUCED = ("diffusion", "lpl_term", "lpl_sum", "gated", "stop")
+
+
+@dataclass
+class RunData:
+    """What every run trains on: trainer-scaled latents with their conditioning, as cached latents are."""
+
+    latents: Tensor
+    conditioning: Conditioning
+
+    @property
+    def count(self) -> int:
+        """Number of training images."""
+        return int(self.latents.shape[0])
+
+
+@dataclass
+class RunOutcome:
+    """What a run leaves behind for sampling, plots and the summary."""
+
+    name: str
+    unet: nn.Module
+    history: list[dict[str, float]]
+    seconds: float
+    steps_done: int
+    stopped_by: StopRequest
+    optimizer: str
+    weights_sha256: str
+    ranks_identical: bool
+    peak_memory: dict[str, int] = field(default_factory=dict)
+    resumed_from: str | None = None
+
+
+def make_optimizer(params: list[nn.Parameter], settings: DemoSettings, device: torch.device,
+                   say: Any) -> tuple[torch.optim.Optimizer, str]:
+    """bitsandbytes' AdamW8bit when it runs on this device (probed with one real step), else torch's AdamW."""
+    options = dict(lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2)
+    if settings.optimizer == "adamw8bit":
+        try:
+            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # an optional-kernel notice
+            import bitsandbytes as bnb
+
+            probe = torch.zeros(4096, device=device, requires_grad=True)  # large enough for 8-bit state
+            probe.grad = torch.ones_like(probe)
+            bnb.optim.AdamW8bit([probe]).step()
+            return bnb.optim.AdamW8bit(params, **options), "bitsandbytes.optim.AdamW8bit"
+        except Exception as error:  # any failure to import or run means: fall back
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:160]
+            say(f"note: bitsandbytes' 8-bit AdamW cannot run here ({reason}); using torch.optim.AdamW")
+    return torch.optim.AdamW(params, **options), "torch.optim.AdamW"
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, by name, to compare weights across processes and runs."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def hook_state(hook: LPLHook, step: int) -> dict[str, Any]:
+    """The LPL gating state of a run: its step counter against lpl_start, plus the hook's own counters if it has any."""
+    state: dict[str, Any] = {"step": step, "use_lpl": hook.config.use_lpl, "lpl_start": hook.config.lpl_start,
+                             "lpl_t_threshold": hook.config.lpl_t_threshold, "lpl_active": hook.config.use_lpl
+                             and step >= hook.config.lpl_start}
+    own = getattr(hook, "state_dict", None)
+    if callable(own):
+        state["hook"] = {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in own().items()}
+    return state
+
+
+def restore_hook(hook: LPLHook, state: dict[str, Any], checkpoint: Path) -> None:
+    """Check that the checkpoint's gating settings are this run's, and restore the hook's own counters if any."""
+    from ..errors import UserError
+
+    for key in ("use_lpl", "lpl_start", "lpl_t_threshold"):
+        if key in state and state[key] != getattr(hook.config, key):
+            raise UserError(f"{checkpoint}: saved with {key} = {state[key]}, resumed with "
+                            f"{getattr(hook.config, key)}; resume with the run's own settings")
+    own = getattr(hook, "load_state_dict", None)
+    if callable(own) and "hook" in state:
+        own(state["hook"])
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory, in bytes."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
+    peak = {"cpu_max_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale}
+    if device.type == "cuda":
+        peak["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return peak
+
+
+def _parse(line: str) -> dict[str, float] | None:
+    """One metrics line, or None for a blank line or one cut short by a killed process."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
+class MetricsLog:
+    """Per-step scalars as JSON lines (the main process writes them as it goes, so nothing is lost on a kill)."""
+
+    def __init__(self, path: Path, keep_until: int, enabled: bool):
+        self.path = path
+        self.rows: list[dict[str, float]] = []
+        if path.is_file():
+            self.rows = [r for r in map(_parse, path.read_text(encoding="utf-8").splitlines())
+                         if r is not None and r["step"] <= keep_until]
+        self.file = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
+            self.file = path.open("a", encoding="utf-8")
+
+    def add(self, row: dict[str, float]) -> None:
+        """Record one step."""
+        self.rows.append(row)
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self.file is not None:
+            self.file.close()
+
+
+def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, vae: nn.Module, run_dir: Path,
+              out: Path, stop: StopRequest, *, checkpoint: Path | None = None, resume: bool = False,
+              say: Any = print) -> RunOutcome:
+    """Train the tiny UNet from the demo's seed for `settings.steps` steps; LPL through the registry when enabled.
+
+    Batches, noise and timesteps are a pure function of (seed, step, process), so a run resumed from a
+    checkpoint continues exactly as the uninterrupted run would have. Stops after the current step when `stop` is
+    set (on any process), saving a checkpoint first.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, gather_object
+
+    from .sampling import training_scheduler
+
+    accelerator = Accelerator(cpu=settings.device == "cpu", mixed_precision=settings.mixed_precision,
+                              log_with="tensorboard",
+                              project_config=ProjectConfiguration(project_dir=str(out),
+                                                                  logging_dir=str(out / "tensorboard")))
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    scheduler = training_scheduler()
+    unet = tiny_unet(settings.seed, sample_size=settings.latent_size).train()
+    optimizer, optimizer_name = make_optimizer(list(unet.parameters()), settings,
+                                               device, say if main else (lambda *_: None))
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    hook = LPLHook(vae, lpl, scaling_factor=SDXL_SCALING_FACTOR, device=device)
+    registry = HookRegistry()
+    registry.register("lpl", hook)
+
+    start, seconds = 0, 0.0
+    if resume and checkpoint is None:
+        checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint, world)
+        restore_hook(hook, state["lpl"], checkpoint)
+        start, seconds = int(state["step"]), float(state["seconds"])
+        if main:
+            say(f"{name}: resuming from {checkpoint} (step {start}, LPL {'on' if state['lpl']['lpl_active'] else 'off'}"
+                f" at that step, lpl_start = {lpl.lpl_start})")
+
+    metrics = MetricsLog(run_dir / METRICS_FILE, keep_until=start, enabled=main)
+    hparams = {**settings.to_dict(), **{k: v for k, v in lpl.lpl_items().items()}, "run": name}
+    accelerator.init_trackers(name, config=hparams)
+    layer_names = hook.loss.trunk.stage_names
+    alphas = scheduler.alphas_cumprod.to(device)
+
+    def checkpoint_state(step: int) -> dict[str, Any]:
+        return {"run": name, "step": step, "seconds": seconds, "num_processes": world, "seed": settings.seed,
+                "lpl": hook_state(hook, step)}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=settings.steps, initial=start, desc=f"{name:>8}", disable=not (main and settings.progress),
+               dynamic_ncols=True, leave=True, file=sys.stderr)
+    step = start
+    try:
+        while step < settings.steps:
+            began = time.perf_counter()
+            index = batch_indices(step, settings.seed, data.count, settings.batch_size, rank, world)
+            latents = data.latents[index].to(device)
+            text, added = data.conditioning.select(index, device)
+            noise, timesteps = batch_noise(tuple(latents.shape), step, settings.seed, rank,
+                                           scheduler.config.num_train_timesteps)
+            noise, timesteps = noise.to(device), timesteps.to(device)
+            for group in optimizer.param_groups:  # linear warmup, a pure function of the step
+                group["lr"] = settings.learning_rate * min(1.0, (step + 1) / WARMUP_STEPS)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            pred = unet(noisy, timesteps, text, added_cond_kwargs=added).sample
+            per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+            log_stats = (step + 1) % LOG_STATS_EVERY == 0
+            extra = registry.apply(LossContext(latents=latents, noisy_latents=noisy, timesteps=timesteps,
+                                               model_pred=pred, target=noise, prediction_type="epsilon",
+                                               alphas_cumprod=alphas, step=step, log_stats=log_stats,
+                                               num_train_timesteps=scheduler.config.num_train_timesteps))
+            loss = (per_sample + extra.loss).mean()
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(unet.parameters(), MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            gated = float(extra.logs.get("lpl/applied_fraction", 0.0)) * latents.shape[0]
+            layers = [torch.as_tensor(extra.logs.get(f"lpl/layer/{n}", 0.0), dtype=torch.float32) * gated
+                      for n in layer_names]
+            local = torch.stack([per_sample.detach().mean().float().cpu(), extra.loss.detach().mean().float().cpu(),
+                                 torch.as_tensor(extra.logs.get("lpl/loss", 0.0), dtype=torch.float32).cpu() * gated,
+                                 torch.tensor(gated), torch.tensor(float(bool(stop))), *[v.cpu() for v in layers]])
+            total = accelerator.reduce(local.to(device), reduction="sum").cpu().tolist()
+            values = dict(zip(_REDUCED, total))
+            seconds += time.perf_counter() - began
+            row = {"step": step, "diffusion": values["diffusion"] / world, "lpl_term": values["lpl_term"] / world,
+                   "lpl_loss": values["lpl_sum"] / max(values["gated"], 1.0),
+                   "applied_fraction": values["gated"] / (settings.batch_size * world),
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": seconds}
+            metrics.add(row)
+            logs = {"loss/diffusion": row["diffusion"], "loss/total": row["diffusion"] + row["lpl_term"],
+                    "lpl/term": row["lpl_term"], "lpl/loss": row["lpl_loss"],
+                    "lpl/applied_fraction": row["applied_fraction"], "train/lr": row["lr"]}
+            if log_stats and values["gated"] > 0:
+                for n, v in zip(layer_names, total[len(_REDUCED):]):
+                    logs[f"lpl/layer/{n}"] = v / values["gated"]
+            accelerator.log(logs, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['diffusion']:.4f}", lpl=f"{row['lpl_term']:.4f}",
+                            frac=f"{row['applied_fraction']:.2f}", refresh=False)
+            stopping = values["stop"] > 0
+            if stopping or (settings.save_every and step % settings.save_every == 0):
+                saved = save_checkpoint(accelerator, run_dir, step, checkpoint_state(step))
+                if stopping and main:
+                    bar.write(f"{name}: stop requested ({stop.name if stop else 'on another process'}); "
+                              f"saved {saved}")
+            if stopping:
+                stop.signum = stop.signum or signal.SIGTERM  # another process was asked to stop
+                break
+    finally:
+        bar.close()
+        metrics.close()
+        for tracker in accelerator.trackers:  # not end_training(): it would end the process group before the next run
+            tracker.finish()
+
+    model = accelerator.unwrap_model(unet)
+    digest = weights_digest(model)
+    digests = gather_object([digest])
+    outcome = RunOutcome(name, model, metrics.rows, seconds, step, stop, optimizer_name, digest,
+                         len(set(digests)) == 1, peak_memory(device), str(checkpoint) if checkpoint else None)
+    accelerator.free_memory()
+    return outcome

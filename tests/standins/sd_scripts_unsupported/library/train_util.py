@@ -1,0 +1,47 @@
+"""Stand-in of a future sd-scripts library/train_util.py whose conditional_loss grew a parameter (tests only)."""
+
+import argparse
+from typing import Optional, Tuple
+
+import torch
+
+import standin_host as host
+
+
+def get_noise_noisy_latents_and_timesteps(
+    args, noise_scheduler, latents: torch.FloatTensor
+) -> Tuple[torch.FloatTensor, torch.FloatTensor, torch.IntTensor]:
+    return host.noise_and_timesteps(args, noise_scheduler, latents)
+
+
+def get_huber_threshold_if_needed(args, timesteps: torch.Tensor, noise_scheduler) -> Optional[torch.Tensor]:
+    return host.huber_threshold(args, timesteps)
+
+
+def conditional_loss(
+    model_pred: torch.Tensor, target: torch.Tensor, loss_type: str, reduction: str, huber_c: Optional[torch.Tensor] = None,
+    weighting: Optional[torch.Tensor] = None,
+):
+    return host.elementwise_loss(model_pred, target, loss_type, reduction, huber_c)
+
+
+def read_config_from_file(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    return host.read_config(args, parser)
+
+
+def prepare_accelerator(args: argparse.Namespace):
+    return host.prepare_accelerator(args)
+
+
+def prepare_dtype(args: argparse.Namespace):
+    return host.prepare_dtype(args)
+
+
+def get_sai_model_spec(state_dict: dict, args: argparse.Namespace, sdxl: bool, lora: bool, textual_inversion: bool,
+                       is_stable_diffusion_ckpt: Optional[bool] = None, sd3: str = None, flux: str = None,
+                       lumina: str = None, optional_metadata: dict = None):
+    return host.model_spec(args)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: bool):
+    host.add_common_arguments(parser)

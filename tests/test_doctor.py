@@ -1,0 +1,57 @@
+"""`lpl-plugin doctor`: the checkout's revision and support (read from source), the environment, a config."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+from lpl_plugin.cli import main
+from tests.standin_fixtures import root, write_config
+
+
+def doctor(capsys, *argv: str) -> tuple[int, list[str]]:
+    """Run the subcommand; its status and output lines."""
+    status = main(["doctor", *argv])
+    captured = capsys.readouterr()
+    return status, (captured.out + captured.err).splitlines()
+
+
+def test_supported_checkout_and_config(tmp_path, capsys):
+    config = write_config(tmp_path, "[lpl]\nuse_lpl = true\nlpl_weight = 1.5\n")
+    status, lines = doctor(capsys, "--sd-scripts", str(root("v0_10_1")), "--config", str(config))
+    assert status == 0 and lines[-1] == "ready"
+    assert "  revision: no .git folder; seam fingerprint 44791a5e30a7 = sd-scripts v0.10.1 (ae72efb) or main/dev " \
+           "up to 48d368f" in lines
+    assert any(line.startswith("  sdxl_train_network.py (LoRA): supported, v0.10.x and main layout: 3-value")
+               for line in lines)
+    assert any(line.startswith("  sdxl_train.py (full fine-tune): supported") for line in lines)
+    assert any(line.startswith("xformers: ") for line in lines)
+    assert any(line.startswith("bitsandbytes") and "8-bit AdamW" in line for line in lines)
+    assert "  lpl_weight = 1.5" in lines and any(line.startswith("python ") and "torch" in line for line in lines)
+
+
+def test_v0_11_layout_and_git_revision(tmp_path, capsys):
+    copy = tmp_path / "sd-scripts"
+    shutil.copytree(root("v0_11"), copy)
+    git = ["git", "-C", str(copy), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"], ["tag", "v0.11.0"]):
+        subprocess.run(git + command, check=True, capture_output=True)
+    status, lines = doctor(capsys, "--sd-scripts", str(copy))
+    assert status == 0
+    assert any(line.startswith("  revision: v0.11.0 (git describe); seam fingerprint") for line in lines)
+    assert any("supported, v0.11 (library/loss.py, library/args.py) layout" in line for line in lines)
+
+
+def test_unsupported_checkout_and_bad_config(tmp_path, capsys):
+    config = write_config(tmp_path, "[lpl]\nuse_lpl = true\nlpl_num_blocks = 9\n")
+    status, lines = doctor(capsys, "--sd-scripts", str(root("unsupported")), "--config", str(config))
+    assert status == 1 and lines[-1].startswith("NOT ready")
+    assert any("sdxl_train_network.py (LoRA): NOT supported: `library.train_util.conditional_loss` has signature"
+               in line for line in lines)
+    assert "not a release lpl-plugin was tested with" in "\n".join(lines)
+    assert f"  {config}: [lpl] `lpl_num_blocks` must be between 0 and 4, got 9" in lines
+
+
+def test_not_a_checkout_is_one_line(tmp_path, capsys):
+    status, lines = doctor(capsys, "--sd-scripts", str(tmp_path))
+    assert status == 2 and lines == [f"--sd-scripts {tmp_path}: not an sd-scripts checkout (no library/train_util.py)"]
