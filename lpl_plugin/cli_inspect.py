@@ -34,24 +34,15 @@ class LayerView:
 
 
 def load_vae(spec: str) -> tuple[nn.Module, str]:
-    """`tiny` (the tiny SDXL-layout VAE, random weights) or a local diffusers VAE folder (safetensors only)."""
+    """`tiny` (the tiny SDXL-layout VAE, random weights) or a local diffusers VAE folder (safetensors only, via
+    vae_io)."""
     if spec == "tiny":
         from .demo.autoencoder import build_vae
 
         return build_vae(seed=0), "tiny SDXL-layout VAE (random weights)"
-    from diffusers import AutoencoderKL
+    from .vae_io import load_vae as load_local_vae
 
-    folder = Path(spec)
-    if not folder.is_dir():
-        raise UserError(f"--vae {spec}: not found; pass `tiny` or a diffusers VAE folder (config.json + "
-                        "diffusion_pytorch_model.safetensors)")
-    subfolder = "vae" if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file() else None
-    try:
-        vae = AutoencoderKL.from_pretrained(folder, subfolder=subfolder, local_files_only=True, use_safetensors=True)
-    except (OSError, ValueError, EnvironmentError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--vae {spec}: not a loadable diffusers VAE folder with safetensors weights ({first})") from None
-    return vae.eval().requires_grad_(False), str(folder / subfolder if subfolder else folder)
+    return load_local_vae(spec).requires_grad_(False), str(spec)
 
 
 def load_image(path: str, resolution: int | None) -> Tensor:

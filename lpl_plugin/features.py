@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import choose_attention
-from .frozen import freeze_layers
+from .frozen import FrozenConv2d, LeanResnet, freeze_layers
 
 log = logging.getLogger("lpl_plugin")
 
-CHECKPOINTING = ("auto", "none", "block", "resnet")
-Segment = Callable[[Tensor], Tensor]
 
 
 def _has_upsampler(block: nn.Module) -> bool:
@@ -24,14 +22,22 @@ def _has_upsampler(block: nn.Module) -> bool:
     return getattr(block, "upsamplers", None) is not None
 
 
-def _segments(stage: nn.Module, fine: bool) -> list[Segment]:
-    """Callables that run a stage in order: the whole stage, or each resnet and upsampler of an up block."""
-    resnets = getattr(stage, "resnets", None)
-    if not fine or resnets is None or getattr(stage, "attentions", None) is not None:
-        return [lambda x, s=stage: s(x, None)]
-    parts: list[Segment] = [lambda x, r=r: r(x, None) for r in resnets]
-    parts += [lambda x, u=u: u(x) for u in (stage.upsamplers or [])]
-    return parts
+def _keeps_nothing(upsampler: nn.Module) -> bool:
+    """Whether an upsampler saves nothing for backward (nearest interpolation, then a frozen convolution)."""
+    return (isinstance(getattr(upsampler, "conv", None), FrozenConv2d) and getattr(upsampler, "norm", None) is None
+            and not getattr(upsampler, "use_conv_transpose", False))
+
+
+def _run_recomputing_resnets(stage: nn.Module, x: Tensor) -> Tensor:
+    """An up block whose ResNet blocks keep only their inputs and recompute the rest in backward."""
+    for resnet in stage.resnets:
+        if isinstance(resnet, LeanResnet):
+            x = resnet(x, None, recompute=True)
+        else:
+            x = checkpoint(resnet, x, None, use_reentrant=False)
+    for upsampler in stage.upsamplers or []:
+        x = upsampler(x) if _keeps_nothing(upsampler) else checkpoint(upsampler, x, use_reentrant=False)
+    return x
 
 
 class DecoderTrunk(nn.Module):
@@ -83,16 +89,16 @@ class DecoderTrunk(nn.Module):
         """The stages whose outputs are features, in order."""
         return [self.mid_block, *self.up_blocks]
 
-    def _run(self, stage_index: int, stage: nn.Module, x: Tensor, checkpointing: str) -> Tensor:
-        """Run one stage, recomputing it (or its resnets) in backward when asked."""
-        if checkpointing == "none" or not (torch.is_grad_enabled() and x.requires_grad):
+    def _run(self, stage: nn.Module, x: Tensor, checkpointing: str) -> Tensor:
+        """Run one stage, recomputing it ('block') or its ResNet blocks ('resnet') in backward when asked.
+
+        The mid block (with attention) is recomputed whole under 'resnet'.
+        """
+        if checkpointing not in ("block", "resnet") or not (torch.is_grad_enabled() and x.requires_grad):
             return stage(x, None)
-        fine = checkpointing == "resnet" or (checkpointing == "auto" and self.downsample_factors[stage_index] <= 2)
-        if checkpointing == "auto" and not fine:
-            return stage(x, None)
-        for part in _segments(stage, fine):
-            x = checkpoint(part, x, use_reentrant=False)
-        return x
+        if checkpointing == "resnet" and getattr(stage, "attentions", None) is None and hasattr(stage, "resnets"):
+            return _run_recomputing_resnets(stage, x)
+        return checkpoint(stage, x, None, use_reentrant=False)
 
     def no_autocast(self) -> torch.autocast:
         """A context that turns the host's autocast off, so the decoder runs in its own dtype."""
@@ -107,7 +113,7 @@ class DecoderTrunk(nn.Module):
 
     def stage(self, index: int, x: Tensor, checkpointing: str = "none") -> Tensor:
         """The output of stage `index` (0 = mid block) given the previous stage's output."""
-        return self._run(index, self._stages()[index], x, checkpointing)
+        return self._run(self._stages()[index], x, checkpointing)
 
     def forward(self, z: Tensor, checkpointing: str = "none") -> list[Tensor]:
         """Feature maps (mid block output, then each up block's) of already unscaled latents z."""

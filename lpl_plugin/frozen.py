@@ -1,9 +1,10 @@
 """Frozen-weight decoder layers whose backward keeps only what the input gradient needs.
 
 LPL never trains the decoder, so a convolution's backward needs its weight but not its input, and a GroupNorm +
-SiLU pair can be recomputed from its input in backward for the price of an elementwise pass. Swapping these layers
-into the private decoder copy cuts a ResNet block's saved activations from six maps to two without recomputing any
-convolution; the forward math is unchanged.
+SiLU pair can be recomputed from its input for the price of an elementwise pass. Swapping such layers into the
+private decoder copy cuts a ResNet block's saved activations from six maps to two (its input and its first
+convolution's output) without recomputing any convolution; with `recompute=True` only the input is kept and the
+block's first convolution alone is redone in backward. The forward math is unchanged.
 """
 
 from __future__ import annotations
@@ -12,20 +13,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
+
+from .lean import channel_slices
 
 
-def _frozen(*tensors: Tensor | None) -> bool:
-    """Whether none of the given parameters asks for a gradient."""
-    return not any(t is not None and t.requires_grad for t in tensors)
+def _needs_input_grad_only(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether autograd needs the input gradient of a layer and no parameter gradient."""
+    return (torch.is_grad_enabled() and x.requires_grad
+            and not any(p is not None and p.requires_grad for p in params))
 
 
 class _ConvInputGrad(torch.autograd.Function):
-    """conv2d whose backward returns the input gradient only, saving the weight but not the input."""
+    """Stride-1 conv2d whose backward returns the input gradient only, saving the weight but not the input."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
                 padding: tuple[int, int]) -> Tensor:
-        """Plain convolution with stride 1."""
+        """Plain convolution."""
         ctx.save_for_backward(weight)
         ctx.input_shape = x.shape
         ctx.padding = padding
@@ -40,26 +45,43 @@ class _ConvInputGrad(torch.autograd.Function):
 
 
 class _GroupNormSiLU(torch.autograd.Function):
-    """silu(group_norm(x)) that saves only x and recomputes the normalization in backward."""
+    """silu(group_norm(x)) that saves only x and recomputes the normalization in backward, a few groups at a time."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
                 groups: int, eps: float) -> Tensor:
-        """The fused forward."""
+        """The fused forward (SiLU in place on the normalized map)."""
         ctx.save_for_backward(x, weight, bias)
         ctx.groups, ctx.eps = groups, eps
-        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+        return F.silu(F.group_norm(x, groups, weight, bias, eps), inplace=True)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
-        """Recompute the pair locally and take its input gradient."""
+        """Per slice of whole groups: recompute the normalized map, then SiLU's and GroupNorm's input gradients."""
         x, weight, bias = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            out = F.silu(F.group_norm(leaf, ctx.groups, weight, bias, ctx.eps))
-            (grad_x,) = torch.autograd.grad(out, leaf, grad)
+        grad_x = torch.empty_like(x)
+        per_group = x.shape[1] // ctx.groups
+        for part in channel_slices(x.shape, per_group):
+            xs = x[:, part].contiguous()
+            n, c = xs.shape[:2]
+            hw = xs[0, 0].numel()
+            ws = None if weight is None else weight[part]
+            bs = None if bias is None else bias[part]
+            groups = c // per_group
+            normed, mean, rstd = torch.native_group_norm(xs, ws, bs, n, c, hw, groups, ctx.eps)
+            gs = torch.ops.aten.silu_backward(grad[:, part], normed)
+            del normed
+            grad_x[:, part] = torch.ops.aten.native_group_norm_backward(gs, xs, mean, rstd, ws, n, c, hw, groups,
+                                                                        [True, False, False])[0]
         return grad_x, None, None, None, None
+
+
+def group_norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """silu(norm(x)), keeping only x for backward when the norm is frozen."""
+    if _needs_input_grad_only(x, norm.weight, norm.bias):
+        return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
 class FrozenConv2d(nn.Conv2d):
@@ -84,31 +106,13 @@ class FrozenConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor, *unused: object, **unused_kw: object) -> Tensor:  # type: ignore[override]
         """Convolve; extra arguments (old diffusers' LoRA `scale`) are ignored."""
-        if torch.is_grad_enabled() and x.requires_grad and _frozen(self.weight, self.bias):
+        if _needs_input_grad_only(x, self.weight, self.bias):
             return _ConvInputGrad.apply(x, self.weight, self.bias, self.padding)
         return F.conv2d(x, self.weight, self.bias, 1, self.padding)
 
 
-class GroupNormSiLU(nn.GroupNorm):
-    """GroupNorm followed by SiLU in one layer that keeps only its input for backward."""
-
-    @classmethod
-    def from_norm(cls, norm: nn.GroupNorm) -> "GroupNormSiLU":
-        """A fused layer sharing the parameters of `norm`."""
-        new = cls(norm.num_groups, norm.num_channels, eps=norm.eps, affine=norm.affine, device="meta")
-        new.weight = norm.weight
-        new.bias = norm.bias
-        return new
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        """silu(group_norm(x))."""
-        if torch.is_grad_enabled() and x.requires_grad and _frozen(self.weight, self.bias):
-            return _GroupNormSiLU.apply(x, self.weight, self.bias, self.num_groups, self.eps)
-        return F.silu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
-
-
-def _fusable_resnet(block: nn.Module) -> bool:
-    """Whether a diffusers ResnetBlock2D runs norm -> SiLU -> conv twice with nothing in between."""
+def _plain_resnet(block: nn.Module) -> bool:
+    """Whether a diffusers ResnetBlock2D computes conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x)."""
     return (type(block).__name__ == "ResnetBlock2D" and type(getattr(block, "norm1", None)) is nn.GroupNorm
             and type(getattr(block, "norm2", None)) is nn.GroupNorm
             and type(getattr(block, "nonlinearity", None)) is nn.SiLU
@@ -117,17 +121,48 @@ def _fusable_resnet(block: nn.Module) -> bool:
             and getattr(block, "time_embedding_norm", "default") in ("default", "group"))
 
 
+class LeanResnet(nn.Module):
+    """A diffusers ResnetBlock2D (no time embedding) run with frozen-weight layers.
+
+    Holds the block's own submodules under their own names, so parameter names are unchanged.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.norm1, self.conv1, self.norm2 = block.norm1, block.conv1, block.norm2
+        self.dropout, self.conv2, self.conv_shortcut = block.dropout, block.conv2, block.conv_shortcut
+        self.output_scale_factor = float(block.output_scale_factor)
+        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+
+    def _first_half(self, x: Tensor) -> Tensor:
+        """silu(norm2(conv1(silu(norm1(x))))): everything up to the second convolution."""
+        return group_norm_silu(self.norm2, self.conv1(group_norm_silu(self.norm1, x)))
+
+    def forward(self, x: Tensor, temb: Tensor | None = None, *, recompute: bool = False) -> Tensor:
+        """The block's output; with `recompute`, backward redoes the first half instead of keeping conv1's output."""
+        if temb is not None:
+            raise ValueError("LPL's decoder copy runs without a time embedding")
+        if recompute and torch.is_grad_enabled() and x.requires_grad:
+            hidden = checkpoint(self._first_half, x, use_reentrant=False)
+        else:
+            hidden = self._first_half(x)
+        hidden = self.conv2(self.dropout(hidden))  # a fresh map that no backward needs: add in place
+        hidden = hidden.add_(self.conv_shortcut(x) if self.conv_shortcut is not None else x)
+        return hidden if self.output_scale_factor == 1.0 else hidden.div_(self.output_scale_factor)
+
+
 def freeze_layers(module: nn.Module) -> int:
-    """Swap the lean frozen layers into a private module copy in place; returns how many layers were swapped."""
+    """Swap lean frozen layers into a private module copy in place; returns how many modules were replaced."""
     swapped = 0
-    for block in list(module.modules()):
-        if _fusable_resnet(block):
-            block.norm1 = GroupNormSiLU.from_norm(block.norm1)
-            block.norm2 = GroupNormSiLU.from_norm(block.norm2)
-            block.nonlinearity = nn.Identity()
-            swapped += 2
-        for name, child in list(block.named_children()):
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
             if FrozenConv2d.supports(child):
-                setattr(block, name, FrozenConv2d.from_conv(child))
+                setattr(parent, name, FrozenConv2d.from_conv(child))
+                swapped += 1
+            elif _plain_resnet(child):
+                for inner, conv in list(child.named_children()):
+                    if FrozenConv2d.supports(conv):
+                        setattr(child, inner, FrozenConv2d.from_conv(conv))
+                setattr(parent, name, LeanResnet(child))
                 swapped += 1
     return swapped

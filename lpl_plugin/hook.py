@@ -31,6 +31,28 @@ class LPLHook:
         self.compat = config.lpl_compat == "diffusers"
         self.guard = NonFiniteGuard(config.lpl_max_bad_steps, self.loss.trunk.dtype, self.loss.trunk.device)
 
+    def state_dict(self) -> dict[str, int | float]:
+        """Counters that must survive a resume (plain numbers, JSON-safe; read at save time only)."""
+        stats = self.loss.stats
+        return {"streak": int(self.guard.streak), "bad_steps": int(self.guard.bad_steps),
+                "nonfinite_samples": int(stats.nonfinite_samples), "oom_skips": stats.oom_skips,
+                "chunk_size": self.loss.chunk_size, "loss_scale": float(self.loss.loss_scale.value)}
+
+    def load_state_dict(self, state: dict[str, int | float]) -> None:
+        """Restore the counters written by state_dict; missing keys keep their fresh values."""
+        device = self.guard.streak.device
+        if "streak" in state:
+            self.guard.streak = torch.tensor(int(state["streak"]), device=device)
+        if "bad_steps" in state:
+            self.guard.bad_steps = torch.tensor(int(state["bad_steps"]), device=device)
+        if "nonfinite_samples" in state:
+            self.loss.stats.nonfinite_samples = torch.tensor(int(state["nonfinite_samples"]), device=device)
+        self.loss.stats.oom_skips = int(state.get("oom_skips", self.loss.stats.oom_skips))
+        self.loss.chunk_size = int(state.get("chunk_size", self.loss.chunk_size))
+        if "loss_scale" in state:
+            scale = self.loss.loss_scale
+            scale.value = torch.tensor(float(state["loss_scale"]), dtype=scale.value.dtype, device=scale.value.device)
+
     def _gate(self, timesteps: Tensor) -> tuple[Tensor, int]:
         """Indices of the samples with t < lpl_t_threshold, read with the guard's streak in the step's one sync.
 

@@ -9,6 +9,7 @@ backward, and lets chunks be processed one after another.
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,18 @@ if TYPE_CHECKING:
     from .loss import LatentPerceptualLoss
 
 log = logging.getLogger("lpl_plugin")
+
+# Full-resolution maps are processed in channel slices of about this many elements, so that float32 scratch (loss
+# math, GroupNorm backward) stays a small fraction of one map: 16 MiB of float32 per slice.
+SLICE_ELEMENTS = 2 ** 22
+
+
+def channel_slices(shape: torch.Size | tuple[int, ...], multiple: int = 1) -> list[slice]:
+    """Slices over dim 1 of a (B, C, H, W) map holding about SLICE_ELEMENTS each, in steps of `multiple` channels."""
+    channels = shape[1]
+    per_channel = max(1, math.prod(shape) // max(1, channels))
+    step = max(1, SLICE_ELEMENTS // per_channel // multiple) * multiple
+    return [slice(start, min(channels, start + step)) for start in range(0, channels, step)]
 
 
 class LPLOutOfMemory(RuntimeError):
@@ -66,7 +79,9 @@ def _chunk(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor, batch_s
     """Distances (b, L) and d(per-sample LPL)/d pred for one chunk; every decoder activation is freed on return.
 
     Target and prediction run through the decoder stage by stage side by side; each layer's distance gradient is
-    taken as soon as both maps exist, and one backward through the (lean) decoder graph finishes the chunk.
+    taken as soon as both maps exist (so each target map is dropped at once), and one backward through the lean
+    decoder graph finishes the chunk. Under float16 the layer gradients are multiplied by the loss scale before
+    they are cast to the decoder's dtype, so small gradients do not flush to zero.
     """
     trunk = engine.trunk
     factor = scale.value / engine.num_layers if scale.active else 1.0 / engine.num_layers
@@ -74,23 +89,24 @@ def _chunk(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor, batch_s
     rows, roots, grads = [], [], []
     with trunk.no_autocast():
         with torch.no_grad():
-            y = trunk.stem(engine.unscale(target))
+            t = trunk.stem(engine.unscale(target))
         with torch.enable_grad():
             h = trunk.stem(engine.unscale(x))
         for index in range(engine.num_layers):
             with torch.no_grad():
-                y = trunk.stage(index, y)
+                t = trunk.stage(index, t)
             with torch.enable_grad():
                 h = trunk.stage(index, h, checkpointing)
-            row, grad = engine.layer_gradient(index, h, y, None if batch_scales is None else batch_scales[index])
+            row, grad = engine.layer_gradient(index, h, t, None if batch_scales is None else batch_scales[index],
+                                              factor)
             rows.append(row)
             roots.append(h)
-            grads.append(grad.mul_(factor).to(h.dtype))
-        del y, h
+            grads.append(grad)
+        del t, h
         torch.autograd.backward(roots, grads)
     del roots, grads
-    grad_x = x.grad if not scale.active else x.grad / scale.value
-    return torch.stack(rows, dim=1), grad_x
+    assert x.grad is not None
+    return torch.stack(rows, dim=1), (x.grad / scale.value if scale.active else x.grad)
 
 
 def _target_batch_scales(engine: "LatentPerceptualLoss", target: Tensor) -> list[Tensor]:
@@ -103,11 +119,29 @@ def _target_batch_scales(engine: "LatentPerceptualLoss", target: Tensor) -> list
     return [channel_std(t, widen(target).dtype) for t in totals]  # type: ignore[arg-type]
 
 
-def lean_loss(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor,
-              checkpointing: str) -> tuple[Tensor, Tensor]:
-    """Per-sample LPL attached to `pred` through a stored gradient, and the detached (B, L) breakdown."""
+def _back_off(engine: "LatentPerceptualLoss", error: str) -> None:
+    """After an out-of-memory error: halve the chunk, else recompute more (`auto` only), else give up."""
+    release_cached_memory(engine.trunk.device)
+    if engine.chunk_size > 1:
+        engine.chunk_size //= 2
+        log.warning("LPL ran out of memory; retrying with lpl_chunk_size = %d", engine.chunk_size)
+    elif engine.config.lpl_checkpointing == "auto" and engine.checkpointing == "none":
+        engine.checkpointing = "resnet"
+        log.warning("LPL ran out of memory with one sample per pass; recomputing decoder activations "
+                    "(as lpl_checkpointing = \"resnet\") from now on")
+    else:
+        raise LPLOutOfMemory(error)
+    engine.stats.oom_retries += 1
+
+
+def lean_loss(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample LPL attached to `pred` through a stored gradient, and the detached (B, L) breakdown.
+
+    Out-of-memory errors halve `engine.chunk_size`, then (with `lpl_checkpointing = "auto"`) switch on
+    recomputation, and raise LPLOutOfMemory when one sample with recomputation still does not fit; both changes
+    persist for later calls.
+    """
     batch = pred.shape[0]
-    device = pred.device
     scale = engine.loss_scale
     batch_scales = None
     if engine.config.lpl_norm_type == "batch" and not engine.compat and batch > engine.chunk_size:
@@ -117,18 +151,16 @@ def lean_loss(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor,
     start = 0
     while start < batch:
         stop = min(batch, start + engine.chunk_size)
+        failure = None
         try:
             layers[start:stop], grads[start:stop] = _chunk(engine, pred[start:stop], target[start:stop],
-                                                           batch_scales, checkpointing, scale)
-        except Exception as error:
+                                                           batch_scales, engine.checkpointing, scale)
+        except Exception as error:  # the traceback pins the chunk's tensors: handle it after the except block
             if not is_out_of_memory(error):
                 raise
-            release_cached_memory(device)
-            if engine.chunk_size == 1:
-                raise LPLOutOfMemory(str(error)) from None
-            engine.chunk_size //= 2
-            engine.stats.oom_retries += 1
-            log.warning("LPL ran out of memory; retrying with lpl_chunk_size = %d", engine.chunk_size)
+            failure = str(error)
+        if failure is not None:
+            _back_off(engine, failure)
             continue
         start = stop
     finite = torch.isfinite(layers).all(dim=1) & torch.isfinite(grads).flatten(1).all(dim=1)

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from .config import LPLConfig
 from .features import DecoderTrunk
 from .norms import OWN_NORM_EPS, SHARED_NORM_EPS, channel_norm, channel_std, moment_sums, widen
-from .lean import LPLOutOfMemory, StoredGradient, is_out_of_memory, lean_loss, release_cached_memory
+from .lean import (LPLOutOfMemory, StoredGradient, channel_slices, is_out_of_memory, lean_loss,
+                   release_cached_memory)
 from .outliers import outlier_mask
 from .precision import LossScale, resolve_dtype
 
@@ -31,6 +32,20 @@ class LossStats:
         """Add the samples whose LPL value or gradient was not finite in this call."""
         self.last_nonfinite = bad.sum()
         self.nonfinite_samples = self.nonfinite_samples + self.last_nonfinite
+
+
+def outlier_factors(config: LPLConfig, downsample_factors: list[int]) -> list[int | None]:
+    """Downsampling factor used for each masked layer (None: not masked).
+
+    Compat: the reference's fixed indices (2 -> 2; 3 and 4 -> 1). Default: every map at most 2x below the
+    decoder output, its factor read from the decoder's layout (the same three maps for SDXL).
+    """
+    if not config.lpl_remove_outliers:
+        return [None] * len(downsample_factors)
+    if config.lpl_compat == "diffusers":
+        fixed = {2: 2, 3: 1, 4: 1}
+        return [fixed.get(i) for i in range(len(downsample_factors))]
+    return [f if f <= 2 else None for f in downsample_factors]
 
 
 class LatentPerceptualLoss(nn.Module):
@@ -61,6 +76,8 @@ class LatentPerceptualLoss(nn.Module):
         self.layer_weights = self._layer_weights()
         self.outlier_factors = self._outlier_factors()
         self.chunk_size = self.config.lpl_chunk_size
+        # Recomputation in use: "auto" starts without and switches to "resnet" on running out of memory.
+        self.checkpointing = "none" if self.config.lpl_checkpointing == "auto" else self.config.lpl_checkpointing
         self.loss_scale = LossScale(dtype, self.trunk.device)
         self.stats = LossStats()
         self.last_layer_stats: dict[str, Tensor] = {}
@@ -78,17 +95,8 @@ class LatentPerceptualLoss(nn.Module):
         return [f / top for f in self.trunk.downsample_factors]
 
     def _outlier_factors(self) -> list[int | None]:
-        """Downsampling factor used for each masked layer (None: not masked).
-
-        Compat: the reference's fixed indices (2 -> 2; 3 and 4 -> 1). Default: every map at most 2x below the
-        decoder output, its factor read from the decoder's layout (the same three maps for SDXL).
-        """
-        if not self.config.lpl_remove_outliers:
-            return [None] * self.trunk.num_layers
-        if self.compat:
-            fixed = {2: 2, 3: 1, 4: 1}
-            return [fixed.get(i) for i in range(self.trunk.num_layers)]
-        return [f if f <= 2 else None for f in self.trunk.downsample_factors]
+        """Downsampling factor used for each masked layer (None: not masked); see `outlier_factors`."""
+        return outlier_factors(self.config, self.trunk.downsample_factors)
 
     @property
     def num_layers(self) -> int:
@@ -148,48 +156,70 @@ class LatentPerceptualLoss(nn.Module):
             per_channel = (term * mask).sum(dim=(2, 3)) / (kept if self.compat else kept.clamp_min(1))
         return per_channel.mean(dim=1) * self.layer_weights[index]
 
-    def layer_gradient(self, index: int, x: Tensor, target: Tensor,
-                       batch_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One layer's distance per sample (B,) and its gradient w.r.t. map x, from the raw target map.
+    def layer_gradient(self, index: int, x: Tensor, target: Tensor, batch_scale: Tensor | None = None,
+                       factor: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
+        """One layer's distance per sample (B,) and `factor` times its gradient w.r.t. map x, in x's dtype.
 
-        Same value as `layer_distance`, with few full-size temporaries: for 'shared' and 'batch' normalization
-        (and the reference's raw 'batch') the gradient is written out. With u = m (x - y) / s, per channel
-        d = w / (C K) * sum(u^2) and grad = 2 w / (C K) * u / s (MSE), or sum|u| and sign(u) / s (L1), where m
-        is the outlier mask, K the kept pixels and s the normalizer. 'default' normalization is differentiated
-        locally through `layer_distance`.
+        Same value as `layer_distance` from the raw target map, computed in channel slices so that float32 scratch
+        stays small at full resolution. For 'shared' and 'batch' normalization (and the reference's raw 'batch')
+        the gradient is written out: with u = m (x - y) / s, per channel d = w / (C K) * sum(u^2) and
+        grad = 2 w / (C K) * u / s (MSE), or sum|u| and w / (C K) * sign(u) / s (L1), where m is the outlier mask,
+        K the kept pixels and s the normalizer. 'default' normalization (each map by its own norm, which couples
+        the channels) is differentiated through `layer_distance` on whole maps.
         """
-        y, mask = self.prepare_target(index, target)
         norm = self.config.lpl_norm_type
         if norm == "default":
+            y, mask = self.prepare_target(index, target)
             leaf = widen(x.detach()).requires_grad_(True)
             with torch.enable_grad():
                 row = self.layer_distance(index, leaf, y, mask, batch_scale)
                 (grad,) = torch.autograd.grad(row.sum(), leaf)
-            return row.detach(), grad
+            return row.detach(), (grad * factor).to(x.dtype)
+        parts = channel_slices(target.shape)
+        masked = self.outlier_factors[index] is not None
+        masks = torch.empty(target.shape, dtype=torch.bool, device=target.device) if masked else None
+        squares: Tensor | float = 0.0
+        stds = []
+        for part in parts:  # masks, then the shared normalizer or the per-channel std, slice by slice
+            y, mask = self.prepare_target(index, target[:, part])
+            if masks is not None:
+                masks[:, part] = mask
+            if norm == "shared":
+                squares = squares + y.square().sum(dim=1, keepdim=True)
+            elif not self.compat and batch_scale is None:
+                stds.append(channel_std(moment_sums(y, mask), y.dtype))
         if norm == "shared":
-            scale: Tensor | None = channel_norm(y) + SHARED_NORM_EPS
+            scale: Tensor | None = torch.as_tensor(squares).sqrt() + SHARED_NORM_EPS
         elif self.compat:  # batch: the reference leaves features raw
             scale = None
         else:
-            scale = batch_scale if batch_scale is not None else channel_std(moment_sums(y, mask), y.dtype)
-        u = x.detach().to(y.dtype, copy=True).sub_(y)
-        del y
-        if mask is None:
-            kept = torch.full(u.shape[:2], u.shape[2] * u.shape[3], dtype=u.dtype, device=u.device)
-        else:
-            u.mul_(mask)
-            kept = mask.sum(dim=(2, 3)).to(u.dtype)
-            kept = kept if self.compat else kept.clamp_min(1)
-        if scale is not None:
-            u.div_(scale)
-        coef = self.layer_weights[index] / (u.shape[1] * kept)
+            scale = batch_scale if batch_scale is not None else torch.cat(stds, dim=1)
         mse = self.config.lpl_loss_type == "mse"
-        sums = torch.linalg.vector_norm(u, ord=2 if mse else 1, dim=(2, 3))
-        row = (coef * (sums.square() if mse else sums)).sum(dim=1)
-        grad = u.mul_(2.0 * coef[..., None, None]) if mse else u.sign_().mul_(coef[..., None, None])
-        if scale is not None:
-            grad.div_(scale)
-        return row, grad
+        weight = self.layer_weights[index] / x.shape[1]
+        row = 0.0
+        grad = torch.empty_like(x)
+        for part in parts:
+            y = widen(target[:, part])
+            mask = None if masks is None else masks[:, part]
+            u = x[:, part].detach().to(y.dtype, copy=True).sub_(y if mask is None else y * mask)
+            del y
+            if mask is None:
+                kept = torch.full(u.shape[:2], u.shape[2] * u.shape[3], dtype=u.dtype, device=u.device)
+            else:
+                u.mul_(mask)
+                kept = mask.sum(dim=(2, 3)).to(u.dtype)
+                kept = kept if self.compat else kept.clamp_min(1)
+            part_scale = None if scale is None else (scale if scale.shape[1] == 1 else scale[:, part])
+            if part_scale is not None:
+                u.div_(part_scale)
+            coef = weight / kept
+            sums = torch.linalg.vector_norm(u, ord=2 if mse else 1, dim=(2, 3))
+            row = row + (coef * (sums.square() if mse else sums)).sum(dim=1)
+            u = u.mul_(2.0 * coef[..., None, None]) if mse else u.sign_().mul_(coef[..., None, None])
+            if part_scale is not None:
+                u.div_(part_scale)
+            grad[:, part] = u.mul_(factor)
+        return torch.as_tensor(row), grad
 
     def layer_distances(self, pred_features: list[Tensor], targets: list[tuple[Tensor, Tensor | None]],
                         batch_scales: list[Tensor] | None = None) -> Tensor:
@@ -215,11 +245,14 @@ class LatentPerceptualLoss(nn.Module):
             raise ValueError(f"LPL needs pred and target latents of equal shape B x C x H x W, got "
                              f"{tuple(pred_latents.shape)} and {tuple(target_latents.shape)}")
         target_latents = target_latents.detach()
+        skipped = False
         try:
             per_sample, layers = self._compute(pred_latents, target_latents)
-        except Exception as error:
+        except Exception as error:  # the traceback pins the call's tensors: release them after the except block
             if not (isinstance(error, LPLOutOfMemory) or is_out_of_memory(error)):
                 raise
+            skipped = True
+        if skipped:
             release_cached_memory(self.trunk.device)
             self.stats.oom_skips += 1
             log.warning("LPL skipped for this step: out of memory even for one sample (%d steps skipped so far); "
@@ -231,10 +264,9 @@ class LatentPerceptualLoss(nn.Module):
 
     def _compute(self, pred_latents: Tensor, target_latents: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample LPL and its detached (B, L) breakdown, through the lean or the plain autograd path."""
-        checkpointing = self.config.lpl_checkpointing
         if self.config.lpl_grad_mode == "lean" and pred_latents.requires_grad and torch.is_grad_enabled():
-            return lean_loss(self, pred_latents, target_latents, checkpointing)
-        layers = self.distances(pred_latents, target_latents, checkpointing=checkpointing)
+            return lean_loss(self, pred_latents, target_latents)
+        layers = self.distances(pred_latents, target_latents, checkpointing=self.checkpointing)
         finite = torch.isfinite(layers).all(dim=1)
         self.stats.count_nonfinite(~finite)
         layers = torch.where(finite[:, None], layers, torch.zeros_like(layers))

@@ -169,11 +169,12 @@ def test_killed_runs_resume_to_the_same_weights(reference, config, tmp_path):
     assert status == -signal.SIGKILL, stderr[-3000:]
     assert (lpl_dir / "result.json").is_file() and not (baseline_dir / "result.json").exists()
     assert result(out, "lpl")["resumed_from"].endswith(f"step-{stopped_at:06d}")
+    killed_at = latest_step(baseline_dir)
 
     done = run(resume)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "lpl: finished before the interruption; kept" in done.stdout
-    assert f"baseline: resuming from {baseline_dir / 'checkpoints' / f'step-{latest_step(baseline_dir):06d}'}" in done.stdout
+    assert f"baseline: resuming from {baseline_dir / 'checkpoints' / f'step-{killed_at:06d}'}" in done.stdout
     for name in ("lpl", "baseline"):
         assert metrics(out, name) == metrics(reference, name), name
         assert result(out, name)["weights_sha256"] == result(reference, name)["weights_sha256"], name
@@ -183,11 +184,10 @@ def test_killed_runs_resume_to_the_same_weights(reference, config, tmp_path):
 def test_two_processes_share_the_work(tmp_path):
     out = tmp_path / "demo"
     config = write(tmp_path, f"[lpl]\nuse_lpl = true\nlpl_t_threshold = {T_THRESHOLD}\n")
-    # accelerate's multi-process launcher (torchrun); the demo trains on the CPU, so accelerate picks gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "lpl_plugin", "demo", "--device", "cpu", "--steps", "4", "--out", str(out), "--config",
-               str(config), *SHORT]
+    # The issue's command: accelerate's --cpu launcher starts one process (no MPI here), which the demo turns into
+    # two gloo processes through torchrun.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "-m", "lpl_plugin", "demo", "--steps", "4", "--out", str(out), "--config", str(config), *SHORT]
     done = run(command)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -204,8 +204,8 @@ def test_two_processes_share_the_work(tmp_path):
     assert done.stdout.count("done:") == 1
 
 
-def test_accelerate_cpu_launch_without_mpi_is_refused(monkeypatch, tmp_path, capsys):
-    """`accelerate launch --cpu --num_processes 2` runs one process (MPI aside): say so, and how to get two."""
+def test_cpu_launch_with_unknown_process_count_is_refused(monkeypatch, tmp_path, capsys):
+    """Under accelerate's --cpu launcher with N unreadable (here the parent is pytest), say how to get N processes."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     for name in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
@@ -229,3 +229,30 @@ def test_demo_mistakes_are_one_line(tmp_path, capsys):
     (tmp_path / "c" / "notes.txt").write_text("mine")
     assert main(["demo", "--out", str(tmp_path / "c"), *SHORT]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "c" / "notes.txt").is_file()
+
+
+def test_ctrl_c_asks_to_stop_and_a_second_one_aborts():
+    from lpl_plugin.demo.stopping import graceful_stop
+
+    previous = signal.getsignal(signal.SIGINT)
+    with graceful_stop() as stop:
+        assert not stop
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop and stop.name == "SIGINT" and stop.exit_status == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_optimizer_falls_back_to_torch_adamw_with_one_line(monkeypatch):
+    from lpl_plugin.demo.settings import DemoSettings
+    from lpl_plugin.demo.train import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(8))]
+    said = []
+    optimizer, name = make_optimizer(params, DemoSettings(), torch.device("cpu"), said.append)
+    assert name == "bitsandbytes.optim.AdamW8bit" and not said
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    optimizer, name = make_optimizer(params, DemoSettings(), torch.device("cpu"), said.append)
+    assert isinstance(optimizer, torch.optim.AdamW) and name == "torch.optim.AdamW"
+    assert len(said) == 1 and "cannot run here" in said[0] and "\n" not in said[0]

@@ -145,3 +145,21 @@ def test_lpl_gradient_reaches_the_unet(vae, scheduler):
     assert not torch.allclose(grads_on[0], grads_off[0])
     assert all(torch.isfinite(p).all() for p in with_lpl.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(with_lpl.parameters(), without.parameters()))
+
+
+def test_state_round_trips_through_json(vae):
+    import json
+
+    hook = LPLHook(vae, LPLConfig(use_lpl=True, lpl_dtype="float16"))
+    hook.guard.record(torch.tensor(3))
+    hook.guard.record(torch.tensor(1))
+    hook.loss.chunk_size = 1
+    hook.loss.stats.oom_skips = 2
+    hook.loss.loss_scale.value = hook.loss.loss_scale.value / 8
+    saved = json.loads(json.dumps(hook.state_dict()))
+    fresh = LPLHook(vae, LPLConfig(use_lpl=True, lpl_dtype="float16"))
+    fresh.load_state_dict(saved)
+    assert fresh.state_dict() == saved == {"streak": 2, "bad_steps": 2, "nonfinite_samples": 0, "oom_skips": 2,
+                                           "chunk_size": 1, "loss_scale": 2.0 ** 13}
+    fresh.load_state_dict({})  # a state written without these counters still loads
+    assert fresh.state_dict() == saved

@@ -125,9 +125,9 @@ def save_vae(vae: nn.Module, folder: Path) -> None:
 
 def load_vae(folder: Path) -> nn.Module:
     """Read a VAE written by save_vae (safetensors only, no network)."""
-    from diffusers import AutoencoderKL
+    from ..vae_io import load_vae as load_local_vae
 
-    return AutoencoderKL.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval().requires_grad_(False)
+    return load_local_vae(folder).requires_grad_(False)
 
 
 def latent_std(latents: Tensor) -> float:

@@ -31,22 +31,56 @@ def _lpl_settings(path: str | None) -> tuple[LPLConfig, str]:
     return config, str(path)
 
 
-def _check_launch(env: dict[str, str]) -> None:
-    """Refuse `accelerate launch --cpu --num_processes N`: without MPI, accelerate starts one process for it."""
+def _requested_processes() -> int | None:
+    """N of the `accelerate launch ... --num_processes N` that started this process, read from its command line."""
+    try:
+        import psutil
+
+        parent = psutil.Process().parent()
+        words = parent.cmdline() if parent is not None else []
+    except Exception:  # no psutil, or the parent is gone or not ours to read
+        return None
+    for index, word in enumerate(words):
+        value = words[index + 1] if word == "--num_processes" and index + 1 < len(words) else None
+        if word.startswith("--num_processes="):
+            value = word.split("=", 1)[1]
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def _spread_over_cpu_processes(env: dict[str, str]) -> None:
+    """Under `accelerate launch --cpu --num_processes N`, which starts one process without MPI, become N gloo
+    processes through torchrun; refuse in one line when N cannot be read."""
     asked_for_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     ranked = any(k in env for k in ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
-    if asked_for_cpu and "MASTER_ADDR" in env and not ranked:
+    if not (asked_for_cpu and "MASTER_ADDR" in env and not ranked):
+        return
+    count = _requested_processes()
+    if count is None or count < 2:
         raise UserError("accelerate launch --cpu with --num_processes > 1 starts a single process unless MPI is set "
                         "up (--mpirun_hostfile); for N processes on this machine's CPUs run: accelerate launch "
                         "--multi_gpu --num_processes N -m lpl_plugin demo (without GPUs it uses gloo on the CPU), or "
                         "torchrun --nproc_per_node N -m lpl_plugin demo")
+    import os
+    import subprocess
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}",
+            "-m", "lpl_plugin", *sys.argv[1:]]
+    child_env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    print(f"accelerate's --cpu launcher started one process; starting {count} gloo processes with torchrun",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    if os.name == "posix":
+        os.execve(sys.executable, argv, child_env)  # torchrun takes this process's place and forwards signals
+    raise SystemExit(subprocess.run(argv, env=child_env).returncode)
 
 
 def _check_environment(settings: DemoSettings) -> None:
     """One-line errors for a missing demo dependency, a missing GPU or a launch that would run one process."""
     import os
 
-    _check_launch(dict(os.environ))
+    _spread_over_cpu_processes(dict(os.environ))
     missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
     if missing:
         raise UserError(f"the demo needs {', '.join(missing)}; install them with: python -m pip install "
@@ -76,6 +110,9 @@ def _set_threads(threads: int | None) -> None:
 def _demo(args: argparse.Namespace) -> int:
     """Train the tiny model with and without LPL and write the artifacts."""
     from .pipeline import check_folder, run_demo
+    from .train import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # before anything imports it
     from .state import resume_point
 
     overrides = {k: getattr(args, k) for k in ("steps", "resolution", "batch_size", "seed", "learning_rate",

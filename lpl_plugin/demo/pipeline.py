@@ -149,8 +149,9 @@ def run_demo(settings: DemoSettings, lpl: LPLConfig, lpl_source: str, out: Path,
 
     scenes = make_scenes(DATASET_SIZE, settings.seed)
     images = draw(scenes, settings.resolution)
-    tell(f"data: {DATASET_SIZE} generated {settings.resolution}px images; fitting the tiny VAE "
-         f"({settings.vae_steps} steps) ...")
+    fitted = (out / "vae" / "fit.json").is_file()
+    tell(f"data: {DATASET_SIZE} generated {settings.resolution}px images; "
+         + ("loading the fitted tiny VAE" if fitted else f"fitting the tiny VAE ({settings.vae_steps} steps) ..."))
     vae, vae_info = prepare_vae(out, images, settings, state)
     latents = encode(vae, images)
     vae_info["latent_std"] = latent_std(latents)

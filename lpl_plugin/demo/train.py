@@ -64,13 +64,18 @@ class RunOutcome:
     resumed_from: str | None = None
 
 
+def quiet_bitsandbytes() -> None:
+    """Silence bitsandbytes' import-time notice about an optional 4-bit CPU kernel the demo does not use."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def make_optimizer(params: list[nn.Parameter], settings: DemoSettings, device: torch.device,
                    say: Any) -> tuple[torch.optim.Optimizer, str]:
     """bitsandbytes' AdamW8bit when it runs on this device (probed with one real step), else torch's AdamW."""
     options = dict(lr=settings.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2)
     if settings.optimizer == "adamw8bit":
         try:
-            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # an optional-kernel notice
+            quiet_bitsandbytes()
             import bitsandbytes as bnb
 
             probe = torch.zeros(4096, device=device, requires_grad=True)  # large enough for 8-bit state
@@ -205,7 +210,7 @@ def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, 
                 f" at that step, lpl_start = {lpl.lpl_start})")
 
     metrics = MetricsLog(run_dir / METRICS_FILE, keep_until=start, enabled=main)
-    hparams = {**settings.to_dict(), **{k: v for k, v in lpl.lpl_items().items()}, "run": name}
+    hparams = {**settings.to_dict(), **lpl.lpl_items(), "run": name}
     accelerator.init_trackers(name, config=hparams)
     layer_names = hook.loss.trunk.stage_names
     alphas = scheduler.alphas_cumprod.to(device)
@@ -267,8 +272,8 @@ def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, 
                     logs[f"lpl/layer/{n}"] = v / values["gated"]
             accelerator.log(logs, step=step)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['diffusion']:.4f}", lpl=f"{row['lpl_term']:.4f}",
-                            frac=f"{row['applied_fraction']:.2f}", refresh=False)
+            bar.set_postfix({"loss": f"{row['diffusion']:.4f}", "lpl": f"{row['lpl_term']:.2e}",
+                             "lpl_frac": f"{row['applied_fraction']:.2f}"}, refresh=False)
             stopping = values["stop"] > 0
             if stopping or (settings.save_every and step % settings.save_every == 0):
                 saved = save_checkpoint(accelerator, run_dir, step, checkpoint_state(step))

@@ -1,0 +1,289 @@
+"""Expected peak memory of one lean LPL call, from the decoder's layout alone, and the `lpl-plugin estimate` command.
+
+The estimate replays the lean path (lean.py) map by map: target and prediction run stage by stage, each stage keeps
+what its backward needs (frozen.py: a ResNet block keeps its input and its first convolution's output, or only its
+input when recomputed), each layer leaves one gradient map behind, and one backward through the kept graph ends
+the chunk. Scratch space per step is counted in whole feature maps, as measured on the CPU; on GPUs the caching
+allocator rounds up and keeps freed blocks, so leave some headroom above the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+GIB = 2 ** 30
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Bytes per element: float32 loss math, a stored outlier mask, and the scratch of building the mask (quantiles,
+# morphology, the masked target; on the CPU kthvalue also clones the map with int64 indices), measured.
+F32, MASK, MASK_CPU, MASK_GPU = 4, 1, 18, 10
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One step of a decoder stage: a ResNet block, an attention layer or an upsampler (channels and map size)."""
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    height: int
+    width: int
+
+    def maps(self, batch: int, itemsize: int) -> tuple[int, int]:
+        """Bytes of the unit's input map and of its output map."""
+        scale = 2 if self.kind == "upsampler" else 1
+        pixels = self.height * self.width
+        return (batch * self.in_channels * pixels * itemsize,
+                batch * self.out_channels * pixels * scale * scale * itemsize)
+
+
+@dataclass
+class Estimate:
+    """Peak extra bytes of one LPL call, what is live at the peak, and the persistent decoder copy."""
+
+    peak: int = 0
+    phase: str = ""
+    breakdown: dict[str, int] = field(default_factory=dict)
+    weights: int = 0
+
+    def see(self, phase: str, parts: dict[str, int]) -> None:
+        """Record the live bytes at one moment; keep the largest."""
+        total = sum(parts.values())
+        if total > self.peak:
+            self.peak, self.phase, self.breakdown = total, phase, dict(parts)
+
+
+def decoder_units(trunk, latent_height: int, latent_width: int) -> list[list[Unit]]:
+    """The units of each stage of a DecoderTrunk (mid block first) for latents of the given size."""
+    from .features import _has_upsampler
+
+    height, width = latent_height, latent_width
+    stages = []
+    mid = trunk.mid_block
+    units = []
+    attentions = list(getattr(mid, "attentions", None) or [])
+    for index, resnet in enumerate(mid.resnets):
+        if index > 0 and index - 1 < len(attentions) and attentions[index - 1] is not None:
+            units.append(Unit("attention", resnet.in_channels, resnet.in_channels, height, width))
+        units.append(Unit("resnet", resnet.in_channels, resnet.out_channels, height, width))
+    stages.append(units)
+    for block in trunk.up_blocks:
+        units = [Unit("resnet", r.in_channels, r.out_channels, height, width) for r in block.resnets]
+        if _has_upsampler(block):
+            channels = block.resnets[-1].out_channels
+            units.append(Unit("upsampler", channels, channels, height, width))
+            height, width = height * 2, width * 2
+        stages.append(units)
+    return stages
+
+
+def _kept(units: list[Unit], b: int, itemsize: int, checkpointing: str, stem: int) -> int:
+    """Bytes a stage keeps for backward beyond its input feature map (`stem`: the mid block's input).
+
+    A lean ResNet block keeps its input and its first convolution's output (only its input when recomputed), an
+    attention layer its input, q, k, v and output, an upsampler nothing; recomputed stages keep only their input.
+    """
+    if checkpointing == "block" or (checkpointing == "resnet" and any(u.kind == "attention" for u in units)):
+        return stem
+    total = stem
+    for position, unit in enumerate(units):
+        inp, out = unit.maps(b, itemsize)
+        if unit.kind == "upsampler":
+            continue
+        total += inp if position > 0 else 0
+        if checkpointing == "none":
+            total += out if unit.kind == "resnet" else 4 * inp
+    return total
+
+
+def _forward_scratch(unit: Unit, b: int, itemsize: int) -> int:
+    """Bytes a unit allocates while it runs forward, its output included (measured on the CPU, in whole maps)."""
+    inp, out = unit.maps(b, itemsize)
+    if unit.kind == "upsampler":
+        return 3 * out  # the interpolated map, the convolution's output and a layout copy
+    if unit.kind == "attention":
+        return 5 * inp
+    return max(2 * inp + out, 3 * out)
+
+
+def _backward_scratch(unit: Unit, b: int, itemsize: int, recompute: bool) -> int:
+    """Bytes a unit allocates while it runs backward, beyond its incoming gradient (measured on the CPU)."""
+    inp, out = unit.maps(b, itemsize)
+    if unit.kind == "upsampler":
+        return 3 * out
+    if unit.kind == "attention":
+        return 6 * inp
+    scratch = 4 * inp if unit.in_channels != unit.out_channels else 2 * inp + out
+    return scratch + (out if recompute else 0)
+
+
+def _layer_scratch(feature: int, itemsize: int, channels: int, masked: bool, cuda: bool) -> int:
+    """Bytes of one layer's distance gradient: its gradient map, the masks, and float32 work on a channel slice."""
+    from .lean import SLICE_ELEMENTS
+
+    pixels = feature // itemsize
+    per_channel = max(1, pixels // channels)
+    part = min(pixels, max(1, SLICE_ELEMENTS // per_channel) * per_channel)
+    widened = 0 if itemsize == F32 else part * F32
+    work = part * ((MASK_GPU if cuda else MASK_CPU) if masked else 2 * F32)
+    return feature + (pixels * MASK if masked else 0) + widened + work
+
+
+def estimate_peak(trunk, latent_shape: Sequence[int], *, chunk: int = 1, checkpointing: str = "none",
+                  masked_layers: Sequence[bool] | None = None, cuda: bool = False) -> Estimate:
+    """Peak extra memory of one lean LPL call of the given trunk on latents of `latent_shape` (B, C, H, W)."""
+    batch, _, height, width = latent_shape
+    b = min(chunk, batch)
+    itemsize = trunk.dtype.itemsize
+    checkpointing = "none" if checkpointing == "auto" else checkpointing
+    stages = decoder_units(trunk, height, width)[:trunk.num_layers]
+    masked = list(masked_layers) if masked_layers is not None else [False] * len(stages)
+    result = Estimate(weights=sum(p.numel() for p in trunk.parameters()) * itemsize)
+    kept = grads = 0
+    stem = b * stages[0][0].in_channels * height * width * itemsize  # conv_in's output
+    target = stem
+    held = []  # bytes each stage keeps until backward, its feature map included
+    for index, units in enumerate(stages):
+        first = stem if index == 0 else 0
+        for position, unit in enumerate(units):  # the target runs first, without a graph
+            inp, _ = unit.maps(b, itemsize)
+            result.see(f"forward (target), stage {index}", {
+                "kept activations": kept + first, "layer gradients": grads,
+                "target maps": target + (inp if position else 0), "scratch": _forward_scratch(unit, b, itemsize)})
+        target = units[-1].maps(b, itemsize)[1]
+        for position, unit in enumerate(units):
+            inp, out = unit.maps(b, itemsize)
+            so_far = _kept(units[:position], b, itemsize, checkpointing, first)
+            current = inp if position and unit.kind != "upsampler" and checkpointing != "none" else 0
+            result.see(f"forward, stage {index}", {
+                "kept activations": kept + so_far + current, "layer gradients": grads, "target maps": target,
+                "scratch": _forward_scratch(unit, b, itemsize)})
+        feature = units[-1].maps(b, itemsize)[1]
+        held.append(_kept(units, b, itemsize, checkpointing, first) + feature)
+        kept += held[-1]
+        result.see(f"layer gradient, stage {index}", {
+            "kept activations": kept, "layer gradients": grads, "target maps": target,
+            "scratch": _layer_scratch(feature, itemsize, units[-1].out_channels, masked[index], cuda)})
+        grads += feature
+    for index in range(len(stages) - 1, -1, -1):  # backward: the last stage first
+        units = stages[index]
+        whole = checkpointing == "block" or (checkpointing == "resnet" and _kept(units, b, itemsize, "resnet", 0)
+                                             == 0 and any(u.kind == "attention" for u in units))
+        mode = "none" if whole else checkpointing
+        before = kept - held[index]  # what earlier stages keep; this stage's share shrinks unit by unit
+        for position in range(len(units) - 1, -1, -1):
+            unit = units[position]
+            _, out = unit.maps(b, itemsize)
+            recompute = checkpointing == "resnet" and unit.kind == "resnet" and not whole
+            share = _kept(units[:position + 1], b, itemsize, mode, stem if index == 0 else 0)
+            result.see(f"backward, stage {index}", {
+                "kept activations": before + share, "layer gradients": grads,
+                "scratch": out + _backward_scratch(unit, b, itemsize, recompute)})
+        kept = before
+    return result
+
+
+def layout_vae(spec: str):
+    """A VAE skeleton on the meta device (no weights) by name (`tiny`, `sdxl`) or diffusers folder / config.json."""
+    import torch
+
+    from .tiny import sdxl_vae, tiny_vae
+
+    with torch.device("meta"):
+        if spec == "tiny":
+            return tiny_vae()
+        if spec == "sdxl":
+            return sdxl_vae()
+        path = Path(spec)
+        config = path if path.is_file() and path.suffix == ".json" else None
+        for folder in (path, path / "vae"):
+            if config is None and (folder / "config.json").is_file():
+                config = folder / "config.json"
+        if config is None:
+            raise UserError(f"--vae: {spec} is neither tiny, sdxl, a diffusers VAE folder nor its config.json "
+                            "(single-file SDXL VAEs share the sdxl layout: pass --vae sdxl)")
+        from diffusers import AutoencoderKL
+
+        try:
+            return AutoencoderKL.from_config(AutoencoderKL.load_config(str(config.parent)))
+        except Exception as error:
+            raise UserError(f"--vae: {config} is not an AutoencoderKL config ({type(error).__name__})") from None
+
+
+def estimate_for(spec: str, *, resolution: int, batch: int, blocks: int, dtype: str, chunk: int = 1,
+                 checkpointing: str = "auto", device: str = "cuda", compat: bool = False,
+                 outliers: bool = True) -> Estimate:
+    """The estimate for a VAE given by name or path and the LPL settings of a run."""
+    import logging
+
+    import torch
+
+    from .config import LPLConfig
+    from .features import DecoderTrunk
+    from .loss import outlier_factors
+    from .precision import DTYPES
+
+    if resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8, got {resolution}")
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
+    config = LPLConfig(use_lpl=True, lpl_num_blocks=blocks, lpl_remove_outliers=outliers,
+                       lpl_compat="diffusers" if compat else "none")
+    torch_dtype = torch.bfloat16 if dtype == "auto" and device == "cuda" else DTYPES.get(dtype, torch.float32)
+    vae = layout_vae(spec)
+    level = logging.getLogger("lpl_plugin").level
+    logging.getLogger("lpl_plugin").setLevel(logging.WARNING)  # no attention-backend line for a skeleton
+    try:
+        trunk = DecoderTrunk(vae, blocks, use_post_quant_conv=not compat, dtype=torch_dtype, device="meta")
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    finally:
+        logging.getLogger("lpl_plugin").setLevel(level)
+    masks = outlier_factors(config, trunk.downsample_factors)
+    latent = resolution // 8
+    return estimate_peak(trunk, (batch, 4, latent, latent), chunk=chunk, checkpointing=checkpointing,
+                         masked_layers=[m is not None for m in masks], cuda=device == "cuda")
+
+
+def render(estimate: Estimate, settings: str) -> str:
+    """The estimate as text: the peak, its phase and what is live then."""
+    lines = [f"LPL peak extra memory per call ({settings}): {estimate.peak / GIB:.2f} GiB",
+             f"  peak during: {estimate.phase}"]
+    for name, size in estimate.breakdown.items():
+        lines.append(f"  {name:<18} {size / GIB:8.2f} GiB")
+    lines.append(f"plus the decoder copy LPL keeps on the device: {estimate.weights / GIB:.2f} GiB")
+    return "\n".join(lines)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    """Print the estimate for the given settings."""
+    for name in ("resolution", "batch", "chunk"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    result = estimate_for(args.vae, resolution=args.resolution, batch=args.batch, blocks=args.blocks,
+                          dtype=args.dtype, chunk=args.chunk, checkpointing=args.checkpointing, device=args.device,
+                          outliers=not args.no_outliers)
+    settings = (f"vae={args.vae}, {args.resolution} px, batch {args.batch}, chunk {min(args.chunk, args.batch)}, "
+                f"{args.blocks} blocks, {args.dtype}, checkpointing {args.checkpointing}, {args.device}")
+    print(render(result, settings))
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `lpl-plugin estimate`."""
+    p = subparsers.add_parser("estimate", help="expected peak memory of LPL on top of the trainer's")
+    p.add_argument("--resolution", type=int, default=1024, help="image side in pixels (latents are 1/8)")
+    p.add_argument("--batch", type=int, default=1, help="samples per LPL call")
+    p.add_argument("--blocks", type=int, default=4, help="lpl_num_blocks")
+    p.add_argument("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "bf16", "float16",
+                                                           "fp16", "fp32"), help="lpl_dtype")
+    p.add_argument("--chunk", type=int, default=1, help="lpl_chunk_size")
+    p.add_argument("--checkpointing", default="auto", choices=("auto", "none", "resnet", "block"),
+                   help="lpl_checkpointing ('auto' is estimated as 'none', its setting until memory runs out)")
+    p.add_argument("--vae", default="sdxl", help="tiny, sdxl, or a diffusers VAE folder / config.json")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where LPL runs")
+    p.add_argument("--no-outliers", action="store_true", help="lpl_remove_outliers = false")
+    p.set_defaults(func=_estimate)
