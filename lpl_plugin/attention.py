@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 
 import torch
@@ -12,25 +13,35 @@ log = logging.getLogger("lpl_plugin")
 _announced: set[str] = set()
 
 
-@functools.lru_cache(maxsize=None)
-def xformers_usable(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
-    """Whether xformers' memory-efficient attention runs on this device type, and why not if it does not.
+def probe_xformers(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+    """Run xformers' memory-efficient attention once on `device`; whether it worked, and why not if it did not.
 
-    Importability is not enough: xformers imports on CPU-only machines and then raises NotImplementedError.
+    Importability is not enough: xformers imports on CPU-only machines and builds for another PyTorch or CUDA
+    import too, then raise NotImplementedError (or worse) on the first call.
     """
     try:
-        import xformers.ops  # noqa: F401
+        import xformers.ops
     except Exception as error:  # ImportError, or a broken build raising anything at import
         return False, f"xformers not importable ({type(error).__name__})"
-    if device_type != "cuda" or not torch.cuda.is_available():
-        return False, f"xformers needs a CUDA device (decoder is on {device_type})"
     try:
-        q = torch.zeros(1, 8, 1, 8, device="cuda", dtype=dtype)
+        q = torch.zeros(1, 8, 1, 8, device=device, dtype=dtype)
         xformers.ops.memory_efficient_attention(q, q, q)
-        torch.cuda.synchronize()
-    except Exception as error:  # the kernel is missing for this GPU/build: fall back, never fail
-        return False, f"xformers installed but unusable here ({type(error).__name__}: {error})"[:200]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as error:  # no kernel for this device, GPU or build: fall back, never fail
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return False, f"xformers installed but unusable here ({type(error).__name__}: {first})"[:200]
     return True, "xformers runs on this GPU"
+
+
+@functools.lru_cache(maxsize=None)
+def xformers_usable(device_type: str, dtype: torch.dtype = torch.float32) -> tuple[bool, str]:
+    """Whether xformers' memory-efficient attention runs on this device type (CUDA only), and why not."""
+    if device_type != "cuda" or not torch.cuda.is_available():  # not imported: a CPU-only import warns loudly
+        installed = importlib.util.find_spec("xformers") is not None
+        return False, f"xformers {'installed but ' if installed else 'not installed; it '}needs a CUDA device " \
+                      f"(decoder is on {device_type})"
+    return probe_xformers(torch.device("cuda"), dtype)
 
 
 def _attention_modules(module: nn.Module) -> list[nn.Module]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,11 +40,9 @@ SPEED_FIRST = {"lpl_checkpointing": "none", "lpl_chunk_size": 64}
 
 VARIANTS = {v.name: v for v in (
     Variant("reference", "diffusers research-project `get_loss` (grad_ckpt=True)", reference=True),
-    Variant("lean", "default: lean gradient, per-sample chunks, lpl_checkpointing = \"auto\"", {}),
-    Variant("speed", "speed-first: lean, lpl_checkpointing = \"none\", whole batch per pass", SPEED_FIRST),
-    Variant("lean-none", "lean, lpl_checkpointing = \"none\", per-sample chunks", {"lpl_checkpointing": "none"}),
-    Variant("lean-block", "lean, lpl_checkpointing = \"block\"", {"lpl_checkpointing": "block"}),
-    Variant("lean-resnet", "lean, lpl_checkpointing = \"resnet\" (least memory)", {"lpl_checkpointing": "resnet"}),
+    Variant("lean", "default: lean gradient, one sample per pass, no recomputation (\"auto\")", {}),
+    Variant("speed", "speed-first: lean, the whole batch in one pass (lpl_chunk_size = 64)", SPEED_FIRST),
+    Variant("lean-resnet", "least memory: lean, lpl_checkpointing = \"resnet\"", {"lpl_checkpointing": "resnet"}),
     Variant("autograd", "plain autograd: features kept for the host's backward, no recomputation",
             {"lpl_grad_mode": "autograd", "lpl_checkpointing": "none"}),
     Variant("compat", "lpl_compat = \"diffusers\" (same loss as the reference), default engine",
@@ -195,18 +194,19 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         reset_peak_rss()
         base = current_rss()
-    times, loss = [], 0.0
+    times, cpu_times, loss = [], [], 0.0
     for _ in range(args.calls):
         leaf = pred.clone().requires_grad_(True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         value = call(leaf, target)
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         loss = float(value)
         del leaf, value
     peak = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss()) - base
-    return {"variant": variant.name, "times": times, "peak": peak, "loss": loss, "attention": backend,
+    return {"variant": variant.name, "times": times, "cpu_times": cpu_times, "peak": peak, "loss": loss, "attention": backend,
             "device": str(device), "threads": torch.get_num_threads()}
 
 
@@ -227,7 +227,8 @@ def _worker_argv(args: argparse.Namespace, name: str) -> list[str]:
 
 def _spawn(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Run one worker process and parse its JSON result."""
-    done = subprocess.run(_worker_argv(args, name), capture_output=True, text=True)
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if args.malloc == "pinned" else {}))
+    done = subprocess.run(_worker_argv(args, name), capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -236,30 +237,38 @@ def _spawn(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 
 def summarize(results: dict[str, list[dict[str, Any]]], baseline: str | None) -> list[dict[str, Any]]:
-    """One row per variant: median over rounds of the best call, largest peak, loss and ratios to the baseline."""
+    """One row per variant: medians over rounds of each process's best call, largest peak, loss, ratios."""
     rows = []
     for name, runs in results.items():
         rows.append({"variant": name, "description": VARIANTS[name].description,
                      "time": statistics.median(min(r["times"]) for r in runs),
+                     "cpu_time": statistics.median(min(r["cpu_times"]) for r in runs),
                      "peak": max(r["peak"] for r in runs), "loss": runs[-1]["loss"],
                      "attention": runs[-1]["attention"], "rounds": len(runs)})
     base = next((r for r in rows if r["variant"] == baseline), None)
     for row in rows:
-        row["time_ratio"] = row["time"] / base["time"] if base else None
-        row["peak_ratio"] = row["peak"] / base["peak"] if base and base["peak"] > 0 else None
+        for key in ("time", "cpu_time", "peak"):
+            row[f"{key}_ratio"] = row[key] / base[key] if base and base[key] > 0 else None
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], baseline: str | None) -> str:
-    """The summary as a ready-to-paste markdown table."""
-    ratio = f" vs {baseline}" if baseline else ""
-    lines = [f"| variant | setting | time / call | time{ratio} | peak extra | memory{ratio} | loss |",
-             "|---|---|---|---|---|---|---|"]
+def _ratio(value: float | None) -> str:
+    """A ratio cell."""
+    return f"{value:.2f}×" if value is not None else "–"
+
+
+def markdown_table(rows: list[dict[str, Any]], baseline: str | None, cpu: bool = False) -> str:
+    """The summary as a ready-to-paste markdown table (with CPU-time columns for CPU runs)."""
+    vs = f" vs {baseline}" if baseline else ""
+    head = ["variant", "setting", "time / call", f"time{vs}"]
+    head += ["CPU time / call", f"CPU time{vs}"] if cpu else []
+    head += ["peak extra", f"memory{vs}", "loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        t = f"{r['time_ratio']:.2f}×" if r["time_ratio"] is not None else "–"
-        m = f"{r['peak_ratio']:.2f}×" if r["peak_ratio"] is not None else "–"
-        lines.append(f"| {r['variant']} | {r['description']} | {r['time']:.2f} s | {t} | {r['peak'] / GB:.2f} GB "
-                     f"| {m} | {r['loss']:.6g} |")
+        cells = [r["variant"], r["description"], f"{r['time']:.2f} s", _ratio(r["time_ratio"])]
+        cells += [f"{r['cpu_time']:.2f} s", _ratio(r["cpu_time_ratio"])] if cpu else []
+        cells += [f"{r['peak'] / GB:.2f} GB", _ratio(r["peak_ratio"]), f"{r['loss']:.6g}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -282,20 +291,23 @@ def run_bench(args: argparse.Namespace) -> int:
         for name in order:
             result = _spawn(args, name)
             results[name].append(result)
-            print(f"# round {round_index + 1}/{args.rounds} {name}: {min(result['times']):.2f} s, "
-                  f"{result['peak'] / GB:.2f} GB, loss {result['loss']:.6g}", file=sys.stderr, flush=True)
+            print(f"# round {round_index + 1}/{args.rounds} {name}: {min(result['times']):.2f} s "
+                  f"(CPU {min(result['cpu_times']):.2f} s), {result['peak'] / GB:.2f} GB, loss {result['loss']:.6g}",
+                  file=sys.stderr, flush=True)
     rows = summarize(results, baseline)
     first = results[names[0]][0]
     if args.json:
         print(json.dumps({"rows": rows, "settings": vars(args) | {"variants": names}}, indent=2, default=str))
         return 0
-    memory = "torch.cuda.max_memory_allocated" if first["device"].startswith("cuda") else "peak RSS"
+    cpu = not first["device"].startswith("cuda")
+    memory = ("peak RSS" + (", glibc mmap threshold pinned at 64 KiB" if args.malloc == "pinned" else "")
+              if cpu else "torch.cuda.max_memory_allocated")
     print(f"LPL forward + backward: vae={args.vae}, batch={args.batch}, latent={args.latent}x{args.latent}, "
           f"blocks={args.blocks}, dtype={args.dtype}, norm={args.norm}, loss={args.loss}, "
           f"pow_law={not args.no_pow_law}, outliers={not args.no_outliers}, device={first['device']}, "
           f"threads={first['threads']}, attention={first['attention']}; {args.rounds} rounds x {args.calls} "
           f"calls, median of each process's best call; peak extra = {memory} above the model and inputs.\n")
-    print(markdown_table(rows, baseline))
+    print(markdown_table(rows, baseline, cpu))
     return 0
 
 
@@ -325,6 +337,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "xformers"),
                    help="decoder attention: auto picks xformers where it runs, else SDPA")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--malloc", default="default", choices=("default", "pinned"),
+                   help="CPU runs: 'pinned' fixes glibc's mmap threshold at 64 KiB so that freed maps return to the "
+                   "system and peak RSS follows the tensors alive (as torch.cuda.max_memory_allocated does); "
+                   "'default' keeps glibc's growing heap, whose slack counts as well")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
 

@@ -109,7 +109,7 @@ def bitsandbytes_report() -> str:
     try:
         import bitsandbytes as bnb
     except Exception as error:  # not installed, or a broken build raising anything at import
-        return f"bitsandbytes 8-bit AdamW: not usable (not importable: {type(error).__name__})"
+        return f"bitsandbytes 8-bit AdamW: not usable (not importable: {type(error).__name__}: {error})"[:200]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         weight = torch.nn.Parameter(torch.ones(64, 64, device=device))  # 4096 values: large enough for 8-bit state

@@ -18,9 +18,10 @@ from .errors import UserError
 
 GIB = 2 ** 30
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Bytes per element: float32 loss math, a stored outlier mask, and the scratch of building the mask (quantiles,
-# morphology, the masked target; on the CPU kthvalue also clones the map with int64 indices), measured.
-F32, MASK, MASK_CPU, MASK_GPU = 4, 1, 18, 10
+# Bytes per element, measured on the CPU: float32 loss math; a stored outlier mask; the scratch of building the
+# mask (quantiles, morphology, the masked target; on the CPU kthvalue also clones its input with int64 indices);
+# the distance's float32 work on a slice, with and without a mask.
+F32, MASK, MASK_CPU, MASK_GPU, DISTANCE_MASKED, DISTANCE = 4, 1, 18, 10, 10, 6
 
 
 @dataclass(frozen=True)
@@ -122,15 +123,19 @@ def _backward_scratch(unit: Unit, b: int, itemsize: int, recompute: bool) -> int
 
 
 def _layer_scratch(feature: int, itemsize: int, channels: int, masked: bool, cuda: bool) -> int:
-    """Bytes of one layer's distance gradient: its gradient map, the masks, and float32 work on a channel slice."""
-    from .lean import SLICE_ELEMENTS
+    """Bytes of one layer's distance gradient: its gradient map, the masks, and float32 work on channel slices."""
+    from .lean import MASK_SLICE_ELEMENTS, SLICE_ELEMENTS
 
     pixels = feature // itemsize
     per_channel = max(1, pixels // channels)
-    part = min(pixels, max(1, SLICE_ELEMENTS // per_channel) * per_channel)
-    widened = 0 if itemsize == F32 else part * F32
-    work = part * ((MASK_GPU if cuda else MASK_CPU) if masked else 2 * F32)
-    return feature + (pixels * MASK if masked else 0) + widened + work
+
+    def part(elements: int) -> int:
+        return min(pixels, max(1, elements // per_channel) * per_channel)
+
+    widen = 0 if itemsize == F32 else F32
+    mask_work = part(MASK_SLICE_ELEMENTS) * (widen + (MASK_GPU if cuda else MASK_CPU)) if masked else 0
+    distance_work = part(SLICE_ELEMENTS) * (widen + (DISTANCE_MASKED if masked else DISTANCE))
+    return feature + (pixels * MASK if masked else 0) + max(mask_work, distance_work)
 
 
 def estimate_peak(trunk, latent_shape: Sequence[int], *, chunk: int = 1, checkpointing: str = "none",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import choose_attention
-from .frozen import FrozenConv2d, LeanResnet, freeze_layers
+from .frozen import LeanResnet, LeanUpsample, freeze_layers
 
 log = logging.getLogger("lpl_plugin")
 
@@ -22,12 +22,6 @@ def _has_upsampler(block: nn.Module) -> bool:
     return getattr(block, "upsamplers", None) is not None
 
 
-def _keeps_nothing(upsampler: nn.Module) -> bool:
-    """Whether an upsampler saves nothing for backward (nearest interpolation, then a frozen convolution)."""
-    return (isinstance(getattr(upsampler, "conv", None), FrozenConv2d) and getattr(upsampler, "norm", None) is None
-            and not getattr(upsampler, "use_conv_transpose", False))
-
-
 def _run_recomputing_resnets(stage: nn.Module, x: Tensor) -> Tensor:
     """An up block whose ResNet blocks keep only their inputs and recompute the rest in backward."""
     for resnet in stage.resnets:
@@ -36,7 +30,7 @@ def _run_recomputing_resnets(stage: nn.Module, x: Tensor) -> Tensor:
         else:
             x = checkpoint(resnet, x, None, use_reentrant=False)
     for upsampler in stage.upsamplers or []:
-        x = upsampler(x) if _keeps_nothing(upsampler) else checkpoint(upsampler, x, use_reentrant=False)
+        x = upsampler(x) if isinstance(upsampler, LeanUpsample) else checkpoint(upsampler, x, use_reentrant=False)
     return x
 
 

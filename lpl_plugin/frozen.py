@@ -1,10 +1,11 @@
 """Frozen-weight decoder layers whose backward keeps only what the input gradient needs.
 
-LPL never trains the decoder, so a convolution's backward needs its weight but not its input, and a GroupNorm +
-SiLU pair can be recomputed from its input for the price of an elementwise pass. Swapping such layers into the
-private decoder copy cuts a ResNet block's saved activations from six maps to two (its input and its first
-convolution's output) without recomputing any convolution; with `recompute=True` only the input is kept and the
-block's first convolution alone is redone in backward. The forward math is unchanged.
+LPL never trains the decoder, so a convolution's backward needs its weight but not its input, and GroupNorm + SiLU
+can be recomputed from its input for the price of an elementwise pass. The private decoder copy therefore runs each
+ResNet block and upsampler as one autograd function: a ResNet block keeps its input and its first convolution's
+output (two maps instead of six; with `recompute=True` only its input, redoing the first convolution in backward),
+an upsampler keeps nothing, and their backward passes work through wide maps a channel slice at a time and add
+into one gradient buffer. The forward math is the diffusers blocks' own, unchanged.
 """
 
 from __future__ import annotations
@@ -13,75 +14,43 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 from .lean import channel_slices
 
 
-def _needs_input_grad_only(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether autograd needs the input gradient of a layer and no parameter gradient."""
+def _needs_input_grad_only(x: Tensor, module: nn.Module) -> bool:
+    """Whether autograd needs x's gradient through a module and no parameter gradient."""
     return (torch.is_grad_enabled() and x.requires_grad
-            and not any(p is not None and p.requires_grad for p in params))
+            and not any(p.requires_grad for p in module.parameters()))
 
 
-class _ConvInputGrad(torch.autograd.Function):
-    """Stride-1 conv2d whose backward returns the input gradient only, saving the weight but not the input."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None,  # type: ignore[override]
-                padding: tuple[int, int]) -> Tensor:
-        """Plain convolution."""
-        ctx.save_for_backward(weight)
-        ctx.input_shape = x.shape
-        ctx.padding = padding
-        return F.conv2d(x, weight, bias, 1, padding)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        """The transposed convolution of the incoming gradient."""
-        (weight,) = ctx.saved_tensors
-        return torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad, 1, ctx.padding), None, None, None
+def _conv_input_grad(conv: nn.Conv2d, grad: Tensor, input_shape: torch.Size) -> Tensor:
+    """d(loss)/d(input) of a stride-1 convolution from d(loss)/d(output): its transposed convolution."""
+    return torch.nn.grad.conv2d_input(input_shape, conv.weight, grad, 1, conv.padding)
 
 
-class _GroupNormSiLU(torch.autograd.Function):
-    """silu(group_norm(x)) that saves only x and recomputes the normalization in backward, a few groups at a time."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
-                groups: int, eps: float) -> Tensor:
-        """The fused forward (SiLU in place on the normalized map)."""
-        ctx.save_for_backward(x, weight, bias)
-        ctx.groups, ctx.eps = groups, eps
-        return F.silu(F.group_norm(x, groups, weight, bias, eps), inplace=True)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:  # type: ignore[override]
-        """Per slice of whole groups: recompute the normalized map, then SiLU's and GroupNorm's input gradients."""
-        x, weight, bias = ctx.saved_tensors
-        grad_x = torch.empty_like(x)
-        per_group = x.shape[1] // ctx.groups
-        for part in channel_slices(x.shape, per_group):
-            xs = x[:, part].contiguous()
-            n, c = xs.shape[:2]
-            hw = xs[0, 0].numel()
-            ws = None if weight is None else weight[part]
-            bs = None if bias is None else bias[part]
-            groups = c // per_group
-            normed, mean, rstd = torch.native_group_norm(xs, ws, bs, n, c, hw, groups, ctx.eps)
-            gs = torch.ops.aten.silu_backward(grad[:, part], normed)
-            del normed
-            grad_x[:, part] = torch.ops.aten.native_group_norm_backward(gs, xs, mean, rstd, ws, n, c, hw, groups,
-                                                                        [True, False, False])[0]
-        return grad_x, None, None, None, None
+def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """silu(norm(x)) without a graph (SiLU in place on the fresh normalized map)."""
+    return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps), inplace=True)
 
 
-def group_norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    """silu(norm(x)), keeping only x for backward when the norm is frozen."""
-    if _needs_input_grad_only(x, norm.weight, norm.bias):
-        return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+def _norm_silu_backward(norm: nn.GroupNorm, x: Tensor, grad: Tensor) -> Tensor:
+    """Input gradient of silu(norm(x)), a few whole groups at a time."""
+    out = torch.empty_like(x)
+    per_group = x.shape[1] // norm.num_groups
+    for part in channel_slices(x.shape, per_group):
+        xs = x[:, part].contiguous()
+        n, c = xs.shape[:2]
+        hw = xs[0, 0].numel()
+        groups = c // per_group
+        weight = None if norm.weight is None else norm.weight[part]
+        bias = None if norm.bias is None else norm.bias[part]
+        normed, mean, rstd = torch.native_group_norm(xs, weight, bias, n, c, hw, groups, norm.eps)
+        gs = torch.ops.aten.silu_backward(grad[:, part], normed)
+        del normed
+        out[:, part] = torch.ops.aten.native_group_norm_backward(gs, xs, mean, rstd, weight, n, c, hw, groups,
+                                                                 [True, False, False])[0]
+    return out
 
 
 class FrozenConv2d(nn.Conv2d):
@@ -90,10 +59,10 @@ class FrozenConv2d(nn.Conv2d):
     @classmethod
     def supports(cls, conv: nn.Module) -> bool:
         """Whether a convolution has the plain layout this class handles."""
-        return (type(conv).__name__ in ("Conv2d", "LoRACompatibleConv") and isinstance(conv, nn.Conv2d)
-                and getattr(conv, "lora_layer", None) is None and conv.stride == (1, 1)
-                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-                and isinstance(conv.padding, tuple))
+        return (type(conv).__name__ in ("Conv2d", "LoRACompatibleConv", "FrozenConv2d")
+                and isinstance(conv, nn.Conv2d) and getattr(conv, "lora_layer", None) is None
+                and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple))
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "FrozenConv2d":
@@ -106,23 +75,43 @@ class FrozenConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor, *unused: object, **unused_kw: object) -> Tensor:  # type: ignore[override]
         """Convolve; extra arguments (old diffusers' LoRA `scale`) are ignored."""
-        if _needs_input_grad_only(x, self.weight, self.bias):
-            return _ConvInputGrad.apply(x, self.weight, self.bias, self.padding)
+        if _needs_input_grad_only(x, self):
+            return _ConvFunction.apply(x, self)
         return F.conv2d(x, self.weight, self.bias, 1, self.padding)
+
+
+class _ConvFunction(torch.autograd.Function):
+    """A frozen convolution that saves nothing but its input's shape."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, conv: FrozenConv2d) -> Tensor:  # type: ignore[override]
+        """Plain convolution."""
+        ctx.conv, ctx.shape = conv, x.shape
+        return F.conv2d(x, conv.weight, conv.bias, 1, conv.padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        """The transposed convolution of the incoming gradient."""
+        return _conv_input_grad(ctx.conv, grad, ctx.shape), None
 
 
 def _plain_resnet(block: nn.Module) -> bool:
     """Whether a diffusers ResnetBlock2D computes conv2(silu(norm2(conv1(silu(norm1(x)))))) + shortcut(x)."""
+    convs = [getattr(block, "conv1", None), getattr(block, "conv2", None)]
+    if getattr(block, "conv_shortcut", None) is not None:
+        convs.append(block.conv_shortcut)
     return (type(block).__name__ == "ResnetBlock2D" and type(getattr(block, "norm1", None)) is nn.GroupNorm
             and type(getattr(block, "norm2", None)) is nn.GroupNorm
             and type(getattr(block, "nonlinearity", None)) is nn.SiLU
             and getattr(block, "upsample", None) is None and getattr(block, "downsample", None) is None
             and getattr(block, "time_emb_proj", None) is None
-            and getattr(block, "time_embedding_norm", "default") in ("default", "group"))
+            and getattr(block, "time_embedding_norm", "default") in ("default", "group")
+            and all(FrozenConv2d.supports(c) for c in convs))
 
 
 class LeanResnet(nn.Module):
-    """A diffusers ResnetBlock2D (no time embedding) run with frozen-weight layers.
+    """A diffusers ResnetBlock2D (no time embedding) run as one frozen-weight autograd function.
 
     Holds the block's own submodules under their own names, so parameter names are unchanged.
     """
@@ -134,21 +123,104 @@ class LeanResnet(nn.Module):
         self.output_scale_factor = float(block.output_scale_factor)
         self.in_channels, self.out_channels = block.in_channels, block.out_channels
 
-    def _first_half(self, x: Tensor) -> Tensor:
-        """silu(norm2(conv1(silu(norm1(x))))): everything up to the second convolution."""
-        return group_norm_silu(self.norm2, self.conv1(group_norm_silu(self.norm1, x)))
+    def run(self, x: Tensor, keep_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The block's output without a graph, and conv1's output when asked (else it is freed early)."""
+        h = self.conv1(_norm_silu(self.norm1, x))
+        hidden = _norm_silu(self.norm2, h)
+        kept = h if keep_hidden else None
+        del h
+        out = self.conv2(self.dropout(hidden))
+        del hidden
+        out = out.add_(self.conv_shortcut(x) if self.conv_shortcut is not None else x)
+        return (out if self.output_scale_factor == 1.0 else out.div_(self.output_scale_factor)), kept
 
-    def forward(self, x: Tensor, temb: Tensor | None = None, *, recompute: bool = False) -> Tensor:
-        """The block's output; with `recompute`, backward redoes the first half instead of keeping conv1's output."""
+    def forward(self, x: Tensor, temb: Tensor | None = None, *, recompute: bool = False,
+                scale: float = 1.0) -> Tensor:
+        """The block's output; with `recompute`, backward redoes the first half instead of keeping conv1's output.
+
+        `scale` is the LoRA scale diffusers < 0.26 passes to every resnet (sd-scripts v0.9.1 pins 0.25.0); unused.
+        """
         if temb is not None:
             raise ValueError("LPL's decoder copy runs without a time embedding")
-        if recompute and torch.is_grad_enabled() and x.requires_grad:
-            hidden = checkpoint(self._first_half, x, use_reentrant=False)
-        else:
-            hidden = self._first_half(x)
-        hidden = self.conv2(self.dropout(hidden))  # a fresh map that no backward needs: add in place
-        hidden = hidden.add_(self.conv_shortcut(x) if self.conv_shortcut is not None else x)
-        return hidden if self.output_scale_factor == 1.0 else hidden.div_(self.output_scale_factor)
+        if _needs_input_grad_only(x, self):
+            return _ResnetFunction.apply(x, self, recompute)
+        return self.run(x)[0]
+
+
+class _ResnetFunction(torch.autograd.Function):
+    """A LeanResnet as one autograd node: keeps x, and conv1's output unless recomputing it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, block: LeanResnet, recompute: bool) -> Tensor:  # type: ignore[override]
+        """Run the block without a graph, keeping what backward needs."""
+        out, hidden = block.run(x, keep_hidden=not recompute)
+        ctx.block, ctx.hidden = block, hidden  # internal map: held on ctx so backward can free it early
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        """The main path in reverse, freeing each map once used, then the shortcut's gradient added in."""
+        block: LeanResnet = ctx.block
+        (x,) = ctx.saved_tensors
+        h = ctx.hidden if ctx.hidden is not None else block.conv1(_norm_silu(block.norm1, x))
+        ctx.hidden = None
+        if block.output_scale_factor != 1.0:
+            grad = grad / block.output_scale_factor
+        g = _norm_silu_backward(block.norm2, h, _conv_input_grad(block.conv2, grad, h.shape))
+        del h
+        g = _norm_silu_backward(block.norm1, x, _conv_input_grad(block.conv1, g, x.shape))
+        return g.add_(_conv_input_grad(block.conv_shortcut, grad, x.shape) if block.conv_shortcut is not None
+                      else grad), None, None
+
+
+def _plain_upsampler(block: nn.Module) -> bool:
+    """Whether a diffusers Upsample2D is nearest 2x interpolation followed by a plain convolution."""
+    return (type(block).__name__ == "Upsample2D" and getattr(block, "interpolate", True)
+            and getattr(block, "use_conv", False) and not getattr(block, "use_conv_transpose", False)
+            and getattr(block, "norm", None) is None and getattr(block, "name", "conv") == "conv"
+            and FrozenConv2d.supports(getattr(block, "conv", None)))
+
+
+class LeanUpsample(nn.Module):
+    """A diffusers Upsample2D (nearest 2x, then a convolution) that keeps nothing for backward."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.conv = block.conv
+        self.channels = block.channels
+
+    def forward(self, x: Tensor, output_size: object = None, *unused: object, **unused_kw: object) -> Tensor:
+        """conv(interpolate(x, 2x nearest))."""
+        if output_size is not None:
+            raise ValueError("LPL's decoder copy upsamples by exactly 2")
+        if _needs_input_grad_only(x, self):
+            return _UpsampleFunction.apply(x, self)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _UpsampleFunction(torch.autograd.Function):
+    """A LeanUpsample as one autograd node whose backward works a channel slice at a time."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, block: LeanUpsample) -> Tensor:  # type: ignore[override]
+        """Interpolate and convolve without a graph."""
+        ctx.block, ctx.shape = block, x.shape
+        return block.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        """Per input-channel slice: transposed convolution, then the 2x2 sums that undo nearest interpolation."""
+        b, c, h, w = ctx.shape
+        grad_x = grad.new_empty(ctx.shape)
+        conv = ctx.block.conv
+        for part in channel_slices((b, c, 2 * h, 2 * w)):
+            shape = torch.Size((b, part.stop - part.start, 2 * h, 2 * w))
+            wide = torch.nn.grad.conv2d_input(shape, conv.weight[:, part], grad, 1, conv.padding)
+            grad_x[:, part] = wide.view(b, -1, h, 2, w, 2).sum(dim=(3, 5))
+        return grad_x, None
 
 
 def freeze_layers(module: nn.Module) -> int:
@@ -156,13 +228,13 @@ def freeze_layers(module: nn.Module) -> int:
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if FrozenConv2d.supports(child):
-                setattr(parent, name, FrozenConv2d.from_conv(child))
-                swapped += 1
-            elif _plain_resnet(child):
+            if _plain_resnet(child) or _plain_upsampler(child):
                 for inner, conv in list(child.named_children()):
                     if FrozenConv2d.supports(conv):
                         setattr(child, inner, FrozenConv2d.from_conv(conv))
-                setattr(parent, name, LeanResnet(child))
+                setattr(parent, name, LeanResnet(child) if _plain_resnet(child) else LeanUpsample(child))
+                swapped += 1
+            elif FrozenConv2d.supports(child) and not isinstance(child, FrozenConv2d):
+                setattr(parent, name, FrozenConv2d.from_conv(child))
                 swapped += 1
     return swapped

@@ -24,15 +24,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("lpl_plugin")
 
 # Full-resolution maps are processed in channel slices of about this many elements, so that float32 scratch (loss
-# math, GroupNorm backward) stays a small fraction of one map: 16 MiB of float32 per slice.
+# math, GroupNorm backward) stays a small fraction of one map: 16 MiB of float32 per slice. Outlier masks use
+# slices a quarter of that size: on the CPU, kthvalue clones its input with int64 indices (12 bytes an element).
 SLICE_ELEMENTS = 2 ** 22
+MASK_SLICE_ELEMENTS = 2 ** 20
 
 
-def channel_slices(shape: torch.Size | tuple[int, ...], multiple: int = 1) -> list[slice]:
-    """Slices over dim 1 of a (B, C, H, W) map holding about SLICE_ELEMENTS each, in steps of `multiple` channels."""
+def channel_slices(shape: torch.Size | tuple[int, ...], multiple: int = 1,
+                   elements: int | None = None) -> list[slice]:
+    """Slices over dim 1 of a (B, C, H, W) map holding about `elements` (SLICE_ELEMENTS) each, whole multiples."""
     channels = shape[1]
     per_channel = max(1, math.prod(shape) // max(1, channels))
-    step = max(1, SLICE_ELEMENTS // per_channel // multiple) * multiple
+    step = max(1, (elements or SLICE_ELEMENTS) // per_channel // multiple) * multiple
     return [slice(start, min(channels, start + step)) for start in range(0, channels, step)]
 
 

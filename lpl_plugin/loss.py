@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from .config import LPLConfig
 from .features import DecoderTrunk
 from .norms import OWN_NORM_EPS, SHARED_NORM_EPS, channel_norm, channel_std, moment_sums, widen
-from .lean import (LPLOutOfMemory, StoredGradient, channel_slices, is_out_of_memory, lean_loss,
-                   release_cached_memory)
+from .lean import (MASK_SLICE_ELEMENTS, LPLOutOfMemory, StoredGradient, channel_slices, is_out_of_memory,
+                   lean_loss, release_cached_memory)
 from .outliers import outlier_mask
 from .precision import LossScale, resolve_dtype
 
@@ -175,12 +175,12 @@ class LatentPerceptualLoss(nn.Module):
                 row = self.layer_distance(index, leaf, y, mask, batch_scale)
                 (grad,) = torch.autograd.grad(row.sum(), leaf)
             return row.detach(), (grad * factor).to(x.dtype)
-        parts = channel_slices(target.shape)
         masked = self.outlier_factors[index] is not None
         masks = torch.empty(target.shape, dtype=torch.bool, device=target.device) if masked else None
         squares: Tensor | float = 0.0
         stds = []
-        for part in parts:  # masks, then the shared normalizer or the per-channel std, slice by slice
+        # Masks, then the shared normalizer or the per-channel std, slice by slice.
+        for part in channel_slices(target.shape, elements=MASK_SLICE_ELEMENTS if masked else None):
             y, mask = self.prepare_target(index, target[:, part])
             if masks is not None:
                 masks[:, part] = mask
@@ -198,7 +198,7 @@ class LatentPerceptualLoss(nn.Module):
         weight = self.layer_weights[index] / x.shape[1]
         row = 0.0
         grad = torch.empty_like(x)
-        for part in parts:
+        for part in channel_slices(target.shape):
             y = widen(target[:, part])
             mask = None if masks is None else masks[:, part]
             u = x[:, part].detach().to(y.dtype, copy=True).sub_(y if mask is None else y * mask)

@@ -25,8 +25,9 @@ class LossScale:
     Only float16 needs it: bfloat16 and float32 share float32's exponent range, so their scale stays 1.
     """
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        initial = INITIAL_FP16_SCALE if dtype == torch.float16 else 1.0
+    def __init__(self, dtype: torch.dtype, device: torch.device, initial: float | None = None):
+        if initial is None:
+            initial = INITIAL_FP16_SCALE if dtype == torch.float16 else 1.0
         self.active = dtype == torch.float16
         self.value = torch.tensor(initial, dtype=torch.float32, device=device)
         self._clean = torch.zeros((), dtype=torch.int64, device=device)

@@ -139,11 +139,13 @@ class Session:
     # -- arguments and settings ------------------------------------------------------------------------------
 
     def _on_add_arguments(self, original, args, kwargs, bound):
+        """add_sdxl_training_arguments: also add --use_lpl / --lpl_* to the host's parser."""
         result = original(*args, **kwargs)
         add_arguments(bound["parser"])
         return result
 
     def _on_read_config(self, original, args, kwargs, bound):
+        """read_config_from_file: resolve the settings from the merged TOML and command line."""
         parsed = original(*args, **kwargs)
         self.configure(parsed)
         return parsed
@@ -163,6 +165,7 @@ class Session:
     # -- models, state and logging ---------------------------------------------------------------------------
 
     def _on_load_model(self, original, args, kwargs, bound):
+        """load_target_model: build the LPL hook from the VAE just loaded."""
         result = original(*args, **kwargs)
         if self.config is None:
             self.configure(bound["args"])
@@ -189,12 +192,17 @@ class Session:
             self._patches.append((accelerator, "log", original))
 
     def _save_state(self, models: Any, weights: Any, output_dir: str) -> None:
+        """accelerate save-state pre-hook: record the optimizer steps taken and the hook's counters."""
         if self.accelerator.is_main_process:
-            data = {"optimizer_steps": self.steps, "settings": self.config.lpl_items() if self.config else None}
+            data = {"optimizer_steps": self.steps, "settings": self.config.lpl_items() if self.config else None,
+                    "hook": self.registry.get("lpl").state_dict()}
             Path(output_dir, STATE_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
     def _load_state(self, models: Any, input_dir: str) -> None:
-        self.steps = resumed_steps(Path(input_dir))
+        """accelerate load-state pre-hook: restore the optimizer steps taken and the hook's counters (optional)."""
+        self.steps, hook_state = resumed_state(Path(input_dir))
+        if hook_state:
+            self.registry.get("lpl").load_state_dict(hook_state)
 
     def take_logs(self) -> dict[str, float]:
         """The LPL scalars since the last logging step, as floats (the only place they leave the device)."""
@@ -202,12 +210,14 @@ class Session:
         return {key: float(value) for key, value in logs.items()}
 
     def _on_step_logs(self, original, args, kwargs, bound):
+        """NetworkTrainer.generate_step_logs: add the LPL scalars to the LoRA step logs."""
         logs = original(*args, **kwargs)
         if self.active and isinstance(logs, dict):
             logs.update(self.take_logs())
         return logs
 
     def _on_model_spec(self, original, args, kwargs, bound):
+        """get_sai_model_spec: add the ss_lpl_* keys to the metadata of every saved model."""
         metadata = original(*args, **kwargs)
         if self.active and isinstance(metadata, dict) and not getattr(bound["args"], "no_metadata", False):
             metadata.update(self.metadata())
@@ -224,6 +234,7 @@ class Session:
     # -- the loss --------------------------------------------------------------------------------------------
 
     def _on_noise(self, original, args, kwargs, bound):
+        """get_noise_noisy_latents_and_timesteps: remember what this step's UNet input is made of."""
         result = original(*args, **kwargs)
         if self.active:
             if not isinstance(result, tuple) or len(result) != self.layout.noise_values:
@@ -235,6 +246,7 @@ class Session:
         return result
 
     def _on_loss(self, original, args, kwargs, bound):
+        """conditional_loss: add LPL in training steps, in the host's shape."""
         loss = original(*args, **kwargs)
         if not self.active:
             return loss
@@ -299,21 +311,22 @@ def add_per_sample(loss: Tensor, extra: Tensor, reduction: str, pred: Tensor) ->
     raise UnsupportedHost(_host_root(), [f"conditional_loss was called with reduction={reduction!r}"])
 
 
-def resumed_steps(folder: Path) -> int:
-    """Optimizer steps taken before a saved state: the plugin's file, else sd-scripts' train_state.json, else 0."""
+def resumed_state(folder: Path) -> tuple[int, dict[str, Any]]:
+    """Optimizer steps and hook counters of a saved state: the plugin's file, else train_state.json's steps, else 0."""
     for name, key in ((STATE_FILE, "optimizer_steps"), (HOST_STATE_FILE, "current_step")):
         path = folder / name
         if path.is_file():
             try:
-                steps = int(json.loads(path.read_text(encoding="utf-8"))[key])
-            except (ValueError, KeyError, TypeError, OSError) as error:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                steps, hook = int(data[key]), dict(data.get("hook") or {}) if name == STATE_FILE else {}
+            except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
                 raise UnsupportedHost(str(folder), [f"{path} is unreadable ({type(error).__name__}: {error}); "
                                                     "delete it to resume with the step count sd-scripts saved"])
             log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, path.name)
-            return steps
+            return steps, hook
     log.info("lpl-plugin: %s has no %s or %s; counting optimizer steps from 0 for lpl_start", folder, STATE_FILE,
              HOST_STATE_FILE)
-    return 0
+    return 0, {}
 
 
 def _find_vae(models: Any) -> torch.nn.Module:

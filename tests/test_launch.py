@@ -86,7 +86,8 @@ def test_full_fine_tune_logs_lpl_through_accelerator_log(tmp_path):
     assert saved(tmp_path)[1]["ss_lpl_num_blocks"] == "2"
 
 
-@pytest.mark.parametrize("lpl", ["", "[lpl]\nuse_lpl = false\nlpl_weight = 2.0\n"], ids=["no lpl keys", "use_lpl false"])
+@pytest.mark.parametrize("lpl", ["", "[lpl]\nuse_lpl = false\nlpl_weight = 2.0\n"],
+                         ids=["no lpl keys", "use_lpl false"])
 def test_lpl_off_is_bit_identical_to_the_plain_script(tmp_path, lpl):
     runs = {}
     for name in ("plain", "launcher"):

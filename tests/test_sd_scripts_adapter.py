@@ -161,9 +161,11 @@ def test_unknown_release_is_refused_naming_function_expected_and_found():
     assert "refused" in line
 
 
-@pytest.mark.parametrize("signature, supported", [("args, accelerator, model_version, weight_dtype, lowram=False", True),
-                                                  ("args, accelerator, model_version, weight_dtype, lowram", False),
-                                                  ("args, accelerator, weight_dtype", False)])
+@pytest.mark.parametrize("signature, supported", [
+    ("args, accelerator, model_version, weight_dtype, lowram=False", True),
+    ("args, accelerator, model_version, weight_dtype, lowram", False),
+    ("args, accelerator, weight_dtype", False),
+])
 def test_optional_extra_parameters_are_accepted_required_ones_refused(tmp_path, signature, supported):
     copy = tmp_path / "sd-scripts"
     shutil.copytree(root("v0_10_1"), copy)
@@ -202,6 +204,14 @@ def test_decoder_copy_uses_the_sdxl_factor_and_leaves_the_vae_alone(tmp_path):
         assert engine.trunk.device == h.accelerator.device and engine.trunk.dtype == torch.float32
         assert engine.trunk.mid_block is not h.vae.decoder.mid_block
         assert all(p.requires_grad for p in h.vae.decoder.parameters())  # the host's VAE is not frozen by LPL
+
+
+def test_decoder_copy_takes_the_block_calls_of_diffusers_0_25(vae):
+    # sd-scripts v0.9.1 pins diffusers 0.25.0, whose UpDecoderBlock2D calls resnet(h, temb=temb, scale=scale)
+    engine = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True), 0.13025)
+    resnet = engine.trunk.up_blocks[0].resnets[0]
+    x = torch.randn(1, resnet.in_channels, 4, 4)
+    torch.testing.assert_close(resnet(x, temb=None, scale=1.0), resnet(x))
 
 
 # -- the loss and its weights -------------------------------------------------------------------------------------
@@ -298,7 +308,8 @@ def test_lpl_start_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
         applied = []
         for _ in range(4):
             with h.accelerator.accumulate(model):
-                host_step(h, torch.randn(2, 4, 8, 8), {"loss_weights": torch.ones(2)}, torch.zeros((), requires_grad=True))
+                weight = torch.zeros((), requires_grad=True)
+                host_step(h, torch.randn(2, 4, 8, 8), {"loss_weights": torch.ones(2)}, weight)
             applied.append("lpl/loss" in h.session.take_logs())
         assert applied == [False, False, True, True] and h.session.steps == 2
 
@@ -325,7 +336,8 @@ def test_lpl_off_leaves_every_seam_bit_identical(tmp_path):
         pred = (noise * 0.5).requires_grad_()
         assert torch.equal(train_util.conditional_loss(pred, noise, "l2", "none"),
                            torch.nn.functional.mse_loss(pred, noise, reduction="none"))
-        assert train_util.get_sai_model_spec(None, h.args, True, True, False) == {"modelspec.architecture": "stand-in/sdxl"}
+        metadata = train_util.get_sai_model_spec(None, h.args, True, True, False)
+        assert metadata == {"modelspec.architecture": "stand-in/sdxl"}
 
 
 # -- logs, metadata, state ----------------------------------------------------------------------------------------
@@ -366,14 +378,15 @@ def test_settings_are_saved_as_ss_lpl_metadata(tmp_path):
 def test_resume_restores_the_optimizer_step_count_and_tolerates_states_without_it(tmp_path):
     with standin("v0_10_1"):
         h = start(tmp_path)
-        state = tmp_path / "state"
-        h.session.steps = 7
+        state, hook = tmp_path / "state", h.session.registry.get("lpl")
+        h.session.steps, hook.loss.stats.oom_skips = 7, 2
         h.accelerator.save_state(str(state))
         assert json.loads((state / sd_scripts.STATE_FILE).read_text())["optimizer_steps"] == 7
         for expected in (7, 3, 0):
-            h.session.steps = 99
+            h.session.steps, hook.loss.stats.oom_skips = 99, 0
             h.accelerator.load_state(str(state))
             assert h.session.steps == expected
+            assert hook.loss.stats.oom_skips == (2 if expected == 7 else 0)  # the hook's counters ride along
             if expected == 7:  # a state saved without the plugin: sd-scripts' own record of the step
                 (state / sd_scripts.STATE_FILE).unlink()
                 (state / "train_state.json").write_text(json.dumps({"current_epoch": 1, "current_step": 3}))

@@ -291,7 +291,8 @@ def train(args: argparse.Namespace, *, load: Callable[..., tuple], loss_fn: Loss
         state = out / "state"
         accelerator.save_state(str(state))
         if lora:
-            (state / "train_state.json").write_text(json.dumps({"current_epoch": 1, "current_step": global_step + done}))
+            record = {"current_epoch": 1, "current_step": global_step + done}
+            (state / "train_state.json").write_text(json.dumps(record))
     summary = {"losses": losses, "validation": validation, "main_pid": os.getpid(), "loader_pids": sorted(pids),
                "steps": global_step}
     (out / "summary.json").write_text(json.dumps(summary), encoding="utf-8")

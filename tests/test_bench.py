@@ -1,0 +1,46 @@
+"""`lpl-plugin bench` smoke test on the tiny VAE: the table's structure and matching lean/plain loss values."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lpl_plugin.cli import main
+
+TINY = ["bench", "--vae", "tiny", "--latent", "8", "--batch", "2", "--rounds", "1", "--calls", "1",
+        "--device", "cpu", "--threads", "1"]
+
+
+def rows(out: str) -> dict[str, list[str]]:
+    """The markdown table's data rows by variant."""
+    lines = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+def test_bench_prints_a_markdown_table_with_matching_losses(capsys):
+    assert main([*TINY, "--variants", "lean", "autograd"]) == 0
+    out = capsys.readouterr().out
+    assert ("| variant | setting | time / call | time vs lean | CPU time / call | CPU time vs lean | peak extra "
+            "| memory vs lean | loss |") in out
+    table = rows(out)
+    assert set(table) == {"lean", "autograd"}
+    for cells in table.values():
+        assert len(cells) == 9 and cells[2].endswith(" s") and cells[4].endswith(" s") and cells[6].endswith(" GB")
+    assert table["lean"][3] == table["lean"][5] == "1.00×"
+    assert float(table["lean"][8]) == pytest.approx(float(table["autograd"][8]), rel=1e-4)
+
+
+@pytest.mark.skipif(not os.environ.get("LPL_REFERENCE_LOSS"),
+                    reason="set LPL_REFERENCE_LOSS to a copy of diffusers' examples/research_projects/lpl/lpl_loss.py")
+def test_bench_runs_the_reference_side_by_side(capsys):
+    assert main([*TINY, "--variants", "compat", "--reference", os.environ["LPL_REFERENCE_LOSS"]]) == 0
+    table = rows(capsys.readouterr().out)
+    assert float(table["compat"][8]) == pytest.approx(float(table["reference"][8]), rel=1e-4)
+
+
+def test_bench_rejects_unknown_variants_and_missing_reference(capsys, tmp_path):
+    assert main([*TINY, "--variants", "fastest"]) == 2
+    assert main([*TINY, "--reference", str(tmp_path / "lpl_loss.py")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "valid:" in err[0] and "no such file" in err[1]

@@ -1,0 +1,168 @@
+"""The memory-lean engine: frozen decoder blocks, the sliced layer gradient, float16 loss scaling, host autocast."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lpl_plugin import LatentPerceptualLoss, LPLConfig, lean
+from lpl_plugin.frozen import FrozenConv2d, LeanResnet, LeanUpsample, freeze_layers
+from lpl_plugin.precision import LossScale
+from lpl_plugin.tiny import tiny_vae
+
+from .test_loss import latents
+
+
+@pytest.fixture()
+def small_slices(monkeypatch):
+    """Force many channel slices, so that slicing is exercised on tiny maps."""
+    monkeypatch.setattr(lean, "SLICE_ELEMENTS", 40)
+    monkeypatch.setattr(lean, "MASK_SLICE_ELEMENTS", 20)
+
+
+@pytest.fixture(scope="module")
+def small_vae():
+    """A three-block VAE with 8 channels everywhere, for option sweeps."""
+    return tiny_vae((8, 8, 8), layers_per_block=1, groups=4)
+
+
+def graph_nodes(output: torch.Tensor) -> list:
+    """Every autograd node behind a tensor."""
+    seen, stack = [], [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or any(node is s for s in seen):
+            continue
+        seen.append(node)
+        stack.extend(n for n, _ in node.next_functions)
+    return seen
+
+
+def test_decoder_copy_runs_lean_blocks_with_unchanged_features(vae):
+    trunk = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True)).trunk
+    stages = [trunk.mid_block, *trunk.up_blocks]
+    assert all(isinstance(r, LeanResnet) for s in stages for r in s.resnets)
+    assert all(isinstance(u, LeanUpsample) for s in trunk.up_blocks for u in (s.upsamplers or []))
+    assert isinstance(trunk.conv_in, FrozenConv2d) and isinstance(trunk.post_quant_conv, FrozenConv2d)
+    assert {k for k, _ in trunk.named_parameters()} <= {"post_quant_conv." + k for k, _ in
+                                                        vae.post_quant_conv.named_parameters()} | \
+        {k for k, _ in vae.decoder.named_parameters()}  # parameter names are unchanged
+    z = latents()[1]
+    with torch.no_grad():
+        x = vae.decoder.conv_in(vae.post_quant_conv(z))
+        expected = [x := vae.decoder.mid_block(x)]
+        for block in vae.decoder.up_blocks:
+            expected.append(x := block(x))
+        for got, want in zip(trunk(z), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "resnet"])
+def test_lean_blocks_keep_only_what_backward_needs(vae, checkpointing):
+    trunk = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True)).trunk
+    x = torch.randn(1, 32, 8, 8, requires_grad=True)
+    out = trunk.stage(2, x, checkpointing)  # up block 1: three ResNet blocks and an upsampler
+    nodes = {type(n).__name__: n for n in graph_nodes(out)}
+    resnets = [n for n in graph_nodes(out) if type(n).__name__ == "_ResnetFunctionBackward"]
+    assert len(resnets) == 3 and "_UpsampleFunctionBackward" in nodes
+    assert nodes["_UpsampleFunctionBackward"].saved_tensors == ()  # an upsampler keeps nothing
+    for node in resnets:  # the input, plus conv1's output unless it is recomputed in backward
+        assert len(node.saved_tensors) == 1 and node.saved_tensors[0].shape[1:] == (32, 8, 8)
+        assert (node.hidden is None) == (checkpointing == "resnet")
+    assert not any("Convolution" in name or "NativeGroupNorm" in name for name in nodes)
+
+
+def diffusers_blocks() -> nn.Module:
+    """Real diffusers blocks in float64: a ResNet block with a shortcut convolution, one without, an upsampler."""
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.wide = ResnetBlock2D(in_channels=8, out_channels=4, temb_channels=None, groups=2,
+                                time_embedding_norm="group")
+    holder.same = ResnetBlock2D(in_channels=4, out_channels=4, temb_channels=None, groups=2, output_scale_factor=2.0,
+                                time_embedding_norm="group")
+    holder.up = Upsample2D(4, use_conv=True, out_channels=4)
+    return holder.double().eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lean_blocks_have_the_gradients_of_the_diffusers_blocks(small_slices, recompute):
+    plain = diffusers_blocks()
+    lean_blocks = diffusers_blocks()
+    assert freeze_layers(lean_blocks) == 3
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def run(blocks, x):
+        kwargs = {"recompute": recompute} if isinstance(blocks.wide, LeanResnet) else {}
+        return blocks.up(blocks.same(blocks.wide(x, None, **kwargs), None, **kwargs))
+
+    want = run(plain, x)
+    weights = torch.randn(want.shape, dtype=torch.float64)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), x)
+    got = run(lean_blocks, x)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: run(lean_blocks, t), (x[:1].detach().requires_grad_(True),))
+
+
+# Every normalization in both modes with MSE and outlier masks, plus L1 and unmasked cases of the written-out paths.
+OPTIONS = [(norm, "mse", True, compat) for norm, compat in itertools.product(["default", "shared", "batch"],
+                                                                             ["none", "diffusers"])]
+OPTIONS += [("shared", "l1", True, "none"), ("batch", "l1", False, "diffusers"), ("shared", "mse", False, "none")]
+
+
+@pytest.mark.parametrize("norm, loss_type, outliers, compat", OPTIONS)
+def test_sliced_lean_gradient_equals_autograd(small_slices, small_vae, norm, loss_type, outliers, compat):
+    options = dict(use_lpl=True, lpl_norm_type=norm, lpl_loss_type=loss_type, lpl_remove_outliers=outliers,
+                   lpl_compat=compat, lpl_num_blocks=3)
+    plain = LatentPerceptualLoss(small_vae, LPLConfig(**options, lpl_grad_mode="autograd"))
+    lean_loss = LatentPerceptualLoss(small_vae, LPLConfig(**options, lpl_chunk_size=2))
+    pred, target = latents(batch=2, size=8)
+    a, b = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    want, want_layers = plain(a, target, return_layers=True)
+    got, got_layers = lean_loss(b, target, return_layers=True)
+    (want * torch.tensor([1.0, -3.0])).sum().backward()
+    (got * torch.tensor([1.0, -3.0])).sum().backward()
+    torch.testing.assert_close(got_layers, want_layers.detach(), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6 * a.grad.abs().max().item())
+
+
+def test_float16_loss_scale_keeps_small_gradients_from_flushing_to_zero(vae):
+    # A prediction very close to its target on 16x16 latents: per-element gradients of about 1e-9 to 1e-8, below
+    # float16's smallest subnormal (6e-8), so an unscaled float16 backward flushes most of them to zero.
+    pred, target = latents(batch=1, size=16, noise=0.01)
+
+    def grad(dtype: str, scale: float | None = None) -> torch.Tensor:
+        engine = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype=dtype))
+        if scale is not None:
+            engine.loss_scale = LossScale(torch.float16, engine.trunk.device, initial=scale)
+        leaf = pred.clone().requires_grad_(True)
+        engine(leaf, target).sum().backward()
+        return leaf.grad
+
+    full, scaled, unscaled = grad("float32"), grad("float16"), grad("float16", scale=1.0)
+    assert torch.isfinite(scaled).all() and (scaled != 0).float().mean() > 0.99
+    assert torch.nn.functional.cosine_similarity(scaled.flatten(), full.flatten(), dim=0) > 0.99
+    assert (scaled - full).norm() / full.norm() < 0.1
+    assert (unscaled == 0).float().mean() > 0.5, "without the scale most gradients underflow to zero"
+    assert (unscaled - full).norm() / full.norm() > 0.5
+
+
+@pytest.mark.parametrize("grad_mode", ["lean", "autograd"])
+def test_host_autocast_does_not_change_the_decoder_precision(vae, grad_mode):
+    engine = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype="float32", lpl_grad_mode=grad_mode))
+    pred, target = latents(batch=1)
+    a, b = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    want = engine(a, target)
+    want.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the host's forward runs under autocast, its backward not
+        got = engine(b, target)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-10)
