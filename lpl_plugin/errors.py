@@ -9,3 +9,7 @@ class UserError(Exception):
     def lines(self) -> list[str]:
         """The message, one problem per line."""
         return str(self).splitlines() or [type(self).__name__]
+
+
+class VaeMismatch(UserError, ValueError):
+    """The VAE handed to LPL cannot serve the settings (not an AutoencoderKL, or too few decoder blocks)."""

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import choose_attention
+from .errors import VaeMismatch
 from .frozen import LeanResnet, LeanUpsample, freeze_layers
 
 log = logging.getLogger("lpl_plugin")
@@ -41,15 +42,16 @@ class DecoderTrunk(nn.Module):
     """
 
     def __init__(self, vae: nn.Module, num_blocks: int, *, use_post_quant_conv: bool = True,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 exact_upsampling: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
         super().__init__()
         decoder = getattr(vae, "decoder", None)
         if decoder is None or not hasattr(decoder, "mid_block") or not hasattr(decoder, "up_blocks"):
-            raise ValueError("LPL needs a diffusers AutoencoderKL-like VAE with decoder.mid_block and "
+            raise VaeMismatch("LPL needs a diffusers AutoencoderKL-like VAE with decoder.mid_block and "
                              "decoder.up_blocks")
         available = len(decoder.up_blocks)
         if num_blocks > available:
-            raise ValueError(f"`lpl_num_blocks` must be at most {available} for this VAE (its decoder has "
+            raise VaeMismatch(f"lpl_num_blocks must be at most {available} for this VAE (its decoder has "
                              f"{available} up blocks), got {num_blocks}")
         if device is None:
             device = next(decoder.parameters()).device
@@ -60,7 +62,7 @@ class DecoderTrunk(nn.Module):
         self.up_blocks = nn.ModuleList(copy.deepcopy(b) for b in decoder.up_blocks[:num_blocks])
         self.requires_grad_(False)
         self.eval()
-        freeze_layers(self)
+        freeze_layers(self, exact_upsampling)
         self.to(device=device, dtype=dtype)
         self.dtype = dtype
         self.device = torch.device(device)

@@ -4,8 +4,8 @@ LPL never trains the decoder, so a convolution's backward needs its weight but n
 can be recomputed from its input for the price of an elementwise pass. The private decoder copy therefore runs each
 ResNet block and upsampler as one autograd function: a ResNet block keeps its input and its first convolution's
 output (two maps instead of six; with `recompute=True` only its input, redoing the first convolution in backward),
-an upsampler keeps nothing, and their backward passes work through wide maps a channel slice at a time and add
-into one gradient buffer. The forward math is the diffusers blocks' own, unchanged.
+and their backward passes work through wide maps a channel slice at a time. An upsampler keeps nothing and runs
+its 3x3 convolution of the 2x-upsampled map as four 2x2 convolutions of the small one (2.25x fewer operations). The forward math is the diffusers blocks' own, unchanged.
 """
 
 from __future__ import annotations
@@ -176,20 +176,43 @@ class _ResnetFunction(torch.autograd.Function):
 
 
 def _plain_upsampler(block: nn.Module) -> bool:
-    """Whether a diffusers Upsample2D is nearest 2x interpolation followed by a plain convolution."""
+    """Whether a diffusers Upsample2D is nearest 2x interpolation followed by a plain 3x3 convolution."""
+    conv = getattr(block, "conv", None)
     return (type(block).__name__ == "Upsample2D" and getattr(block, "interpolate", True)
             and getattr(block, "use_conv", False) and not getattr(block, "use_conv_transpose", False)
             and getattr(block, "norm", None) is None and getattr(block, "name", "conv") == "conv"
-            and FrozenConv2d.supports(getattr(block, "conv", None)))
+            and FrozenConv2d.supports(conv) and conv.kernel_size == (3, 3) and conv.padding == (1, 1))
+
+
+def _phase_kernels(weight: Tensor) -> list[tuple[int, int, Tensor]]:
+    """The four 2x2 kernels (row phase, column phase, kernel) that give conv3x3(upsample2x(x)) from x itself.
+
+    Output pixel (2i + a, 2j + b) sees low-resolution rows i - 1 + a and i + a and the same for columns, each row
+    of the 3x3 kernel landing on one of them: 16 taps per low-resolution pixel instead of 36 on the upsampled map.
+    """
+    halves = [lambda k, d: torch.stack((k.select(d, 0), k.select(d, 1) + k.select(d, 2)), d),
+              lambda k, d: torch.stack((k.select(d, 0) + k.select(d, 1), k.select(d, 2)), d)]
+    return [(a, b, col(row(weight, 2), 3)) for a, row in enumerate(halves) for b, col in enumerate(halves)]
+
+
+def _upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv(interpolate(x, 2x nearest)) computed phase by phase on the low-resolution map."""
+    b, _, h, w = x.shape
+    out = x.new_empty(b, conv.out_channels, 2 * h, 2 * w)
+    phases = out.view(b, conv.out_channels, h, 2, w, 2)
+    for a, c, kernel in _phase_kernels(conv.weight):
+        phases[:, :, :, a, :, c] = F.conv2d(x, kernel, conv.bias, 1, 1)[:, :, a:a + h, c:c + w]
+    return out
 
 
 class LeanUpsample(nn.Module):
-    """A diffusers Upsample2D (nearest 2x, then a convolution) that keeps nothing for backward."""
+    """A diffusers Upsample2D (nearest 2x, then a 3x3 convolution) that keeps nothing and works on the small map."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, exact: bool = False):
         super().__init__()
         self.conv = block.conv
         self.channels = block.channels
+        self.exact = exact
 
     def forward(self, x: Tensor, output_size: object = None, *unused: object, **unused_kw: object) -> Tensor:
         """conv(interpolate(x, 2x nearest))."""
@@ -197,34 +220,44 @@ class LeanUpsample(nn.Module):
             raise ValueError("LPL's decoder copy upsamples by exactly 2")
         if _needs_input_grad_only(x, self):
             return _UpsampleFunction.apply(x, self)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.run(x)
+
+    def run(self, x: Tensor) -> Tensor:
+        """The output without a graph: on the small map, or (`exact`) as diffusers computes it."""
+        if self.exact:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return _upsample_conv(x, self.conv)
 
 
 class _UpsampleFunction(torch.autograd.Function):
-    """A LeanUpsample as one autograd node whose backward works a channel slice at a time."""
+    """A LeanUpsample as one autograd node; backward is the four phase kernels' transposed convolutions."""
 
     @staticmethod
     def forward(ctx, x: Tensor, block: LeanUpsample) -> Tensor:  # type: ignore[override]
-        """Interpolate and convolve without a graph."""
+        """Upsample and convolve without a graph."""
         ctx.block, ctx.shape = block, x.shape
-        return block.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return block.run(x)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        """Per input-channel slice: transposed convolution, then the 2x2 sums that undo nearest interpolation."""
-        b, c, h, w = ctx.shape
-        grad_x = grad.new_empty(ctx.shape)
-        conv = ctx.block.conv
-        for part in channel_slices((b, c, 2 * h, 2 * w)):
-            shape = torch.Size((b, part.stop - part.start, 2 * h, 2 * w))
-            wide = torch.nn.grad.conv2d_input(shape, conv.weight[:, part], grad, 1, conv.padding)
-            grad_x[:, part] = wide.view(b, -1, h, 2, w, 2).sum(dim=(3, 5))
+        """Sum over the phases of each phase gradient, padded back to the 2x2 kernel's output, transposed."""
+        b, _, h, w = ctx.shape
+        phases = grad.reshape(b, -1, h, 2, w, 2)
+        grad_x = None
+        for a, c, kernel in _phase_kernels(ctx.block.conv.weight):
+            padded = F.pad(phases[:, :, :, a, :, c], (c, 1 - c, a, 1 - a))
+            part = torch.nn.grad.conv2d_input(ctx.shape, kernel, padded, 1, 1)
+            grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None
 
 
-def freeze_layers(module: nn.Module) -> int:
-    """Swap lean frozen layers into a private module copy in place; returns how many modules were replaced."""
+def freeze_layers(module: nn.Module, exact_upsampling: bool = False) -> int:
+    """Swap lean frozen layers into a private module copy in place; returns how many modules were replaced.
+
+    `exact_upsampling` keeps the upsamplers' forward bit-identical to diffusers (compat mode: L1's gradient is the
+    sign of a difference, which float32 rounding of another summation order can flip).
+    """
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -232,7 +265,7 @@ def freeze_layers(module: nn.Module) -> int:
                 for inner, conv in list(child.named_children()):
                     if FrozenConv2d.supports(conv):
                         setattr(child, inner, FrozenConv2d.from_conv(conv))
-                setattr(parent, name, LeanResnet(child) if _plain_resnet(child) else LeanUpsample(child))
+                setattr(parent, name, LeanResnet(child) if _plain_resnet(child) else LeanUpsample(child, exact_upsampling))
                 swapped += 1
             elif FrozenConv2d.supports(child) and not isinstance(child, FrozenConv2d):
                 setattr(parent, name, FrozenConv2d.from_conv(child))

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .config import LPLConfig
 from .features import DecoderTrunk
+from .guard import finite_gradient
 from .norms import OWN_NORM_EPS, SHARED_NORM_EPS, channel_norm, channel_std, moment_sums, widen
 from .lean import (MASK_SLICE_ELEMENTS, LPLOutOfMemory, StoredGradient, channel_slices, is_out_of_memory,
                    lean_loss, release_cached_memory)
@@ -72,7 +73,7 @@ class LatentPerceptualLoss(nn.Module):
             device = next(vae.parameters()).device
         dtype = dtype or resolve_dtype(self.config.lpl_dtype, torch.device(device))
         self.trunk = DecoderTrunk(vae, self.config.lpl_num_blocks, use_post_quant_conv=not self.compat,
-                                  dtype=dtype, device=device)
+                                  exact_upsampling=self.compat, dtype=dtype, device=device)
         self.layer_weights = self._layer_weights()
         self.outlier_factors = self._outlier_factors()
         self.chunk_size = self.config.lpl_chunk_size
@@ -266,7 +267,8 @@ class LatentPerceptualLoss(nn.Module):
         """Per-sample LPL and its detached (B, L) breakdown, through the lean or the plain autograd path."""
         if self.config.lpl_grad_mode == "lean" and pred_latents.requires_grad and torch.is_grad_enabled():
             return lean_loss(self, pred_latents, target_latents)
-        layers = self.distances(pred_latents, target_latents, checkpointing=self.checkpointing)
+        # A sample whose gradient is inf/NaN (a 0 * inf in backward) gets none, as in lean mode.
+        layers = self.distances(finite_gradient(pred_latents), target_latents, checkpointing=self.checkpointing)
         finite = torch.isfinite(layers).all(dim=1)
         self.stats.count_nonfinite(~finite)
         layers = torch.where(finite[:, None], layers, torch.zeros_like(layers))

@@ -30,7 +30,7 @@ def tiny_vae(channels: Sequence[int] = (8, 16, 32, 32), *, layers_per_block: int
         layers_per_block=layers_per_block, norm_num_groups=groups, sample_size=64,
         scaling_factor=SDXL_SCALING_FACTOR, **options,
     )
-    return vae.to(dtype).eval()
+    return (vae if dtype == torch.float32 else vae.to(dtype)).eval()  # AutoencoderKL.to(dtype) warns
 
 
 def sdxl_vae(seed: int = 0):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -51,13 +52,20 @@ def test_decoder_copy_runs_lean_blocks_with_unchanged_features(vae):
                                                         vae.post_quant_conv.named_parameters()} | \
         {k for k, _ in vae.decoder.named_parameters()}  # parameter names are unchanged
     z = latents()[1]
-    with torch.no_grad():
-        x = vae.decoder.conv_in(vae.post_quant_conv(z))
-        expected = [x := vae.decoder.mid_block(x)]
-        for block in vae.decoder.up_blocks:
-            expected.append(x := block(x))
-        for got, want in zip(trunk(z), expected, strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+    def diffusers_features(model, z):
+        """The stage outputs of a diffusers decoder."""
+        x = model.decoder.conv_in(model.post_quant_conv(z))
+        features = [x := model.decoder.mid_block(x)]
+        for block in model.decoder.up_blocks:
+            features.append(x := block(x))
+        return features
+
+    with torch.no_grad():  # float32 rounding only: no further from the float64 features than diffusers' own
+        exact = diffusers_features(copy.deepcopy(vae).double(), z.double())
+        for got, want, truth in zip(trunk(z), diffusers_features(vae, z), exact, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+            assert (got - truth).abs().max() <= 4 * (want - truth).abs().max() + 1e-7
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "resnet"])
@@ -95,7 +103,7 @@ def test_lean_blocks_have_the_gradients_of_the_diffusers_blocks(small_slices, re
     plain = diffusers_blocks()
     lean_blocks = diffusers_blocks()
     assert freeze_layers(lean_blocks) == 3
-    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64, requires_grad=True)  # not square: rows and columns differ
 
     def run(blocks, x):
         kwargs = {"recompute": recompute} if isinstance(blocks.wide, LeanResnet) else {}

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from lpl_plugin import LatentPerceptualLoss, LPLConfig
+from lpl_plugin import LatentPerceptualLoss, LPLConfig, UserError
 from lpl_plugin.tiny import tiny_vae
 
 
@@ -130,8 +130,32 @@ def test_rejects_mismatched_shapes_and_too_many_blocks(vae):
     loss = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True))
     with pytest.raises(ValueError, match="equal shape"):
         loss(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 6))
-    with pytest.raises(ValueError, match="at most 2"):
+    with pytest.raises(UserError, match="lpl_num_blocks must be at most 2 .* got 3"):
         LatentPerceptualLoss(tiny_vae((8, 16)), LPLConfig(use_lpl=True, lpl_num_blocks=3))
+    with pytest.raises(UserError, match="AutoencoderKL"):
+        LatentPerceptualLoss(torch.nn.Linear(2, 2), LPLConfig(use_lpl=True))
+
+
+@pytest.mark.parametrize("grad_mode", ["lean", "autograd"])
+def test_a_nan_sample_gets_zero_loss_and_gradient_the_others_are_untouched(vae, grad_mode):
+    config = LPLConfig(use_lpl=True, lpl_num_blocks=2, lpl_grad_mode=grad_mode, lpl_checkpointing="none")
+    loss = LatentPerceptualLoss(vae, config)
+    g = torch.Generator().manual_seed(3)
+    target = torch.randn(2, 4, 8, 8, generator=g)
+    clean = torch.randn(2, 4, 8, 8, generator=g)
+    poisoned = clean.clone()
+    poisoned[1, 0, 0, 0] = float("nan")
+    grads = []
+    for pred in (clean, poisoned):
+        pred = pred.clone().requires_grad_(True)
+        values = loss(pred, target)
+        values.sum().backward()
+        grads.append((values.detach(), pred.grad))
+    (clean_values, clean_grad), (values, grad) = grads
+    assert values[1] == 0 and torch.equal(grad[1], torch.zeros_like(grad[1]))
+    torch.testing.assert_close(values[0], clean_values[0])
+    torch.testing.assert_close(grad[0], clean_grad[0])
+    assert int(loss.stats.nonfinite_samples) == 1
 
 
 GRADCHECK_CASES = [("shared", "mse", "autograd", 2), ("default", "mse", "autograd", 2), ("batch", "mse", "autograd", 2),
