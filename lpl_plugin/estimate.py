@@ -105,7 +105,7 @@ def _forward_scratch(unit: Unit, b: int, itemsize: int) -> int:
     """Bytes a unit allocates while it runs forward, its output included (measured on the CPU, in whole maps)."""
     inp, out = unit.maps(b, itemsize)
     if unit.kind == "upsampler":
-        return 3 * out  # the interpolated map, the convolution's output and a layout copy
+        return 3 * out // 2  # the output, one phase's convolution output and its layout copy (quarter maps)
     if unit.kind == "attention":
         return 5 * inp
     return max(2 * inp + out, 3 * out)
@@ -115,7 +115,7 @@ def _backward_scratch(unit: Unit, b: int, itemsize: int, recompute: bool) -> int
     """Bytes a unit allocates while it runs backward, beyond its incoming gradient (measured on the CPU)."""
     inp, out = unit.maps(b, itemsize)
     if unit.kind == "upsampler":
-        return 3 * out
+        return 3 * out // 2  # per phase: its padded gradient, its input gradient, the sum (quarter maps)
     if unit.kind == "attention":
         return 6 * inp
     scratch = 4 * inp if unit.in_channels != unit.out_channels else 2 * inp + out
