@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import importlib
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -13,9 +17,41 @@ VERSIONS = ("v0_9_1", "v0_10_1", "v0_11")
 HOST_MODULES = ("library", "train_network", "sdxl_train_network", "sdxl_train")
 
 
+# "unsupported", a future release lpl-plugin does not know, is the v0.10.1 stand-in (without sdxl_train.py) whose
+# conditional_loss grew a parameter; it is written on first use. Each edit names the text it replaces; the copy's
+# `library` finds standin_host in this folder's standins/ rather than beside itself.
+UNSUPPORTED_FROM = "v0_10_1"
+UNSUPPORTED_EDITS = {
+    "library/__init__.py": [("str(Path(__file__).resolve().parents[2])", repr(str(STANDINS)))],
+    "library/train_util.py": [("huber_c: Optional[torch.Tensor] = None\n", "huber_c: Optional[torch.Tensor] = None,\n"
+                               "    weighting: Optional[torch.Tensor] = None,\n")],
+}
+UNSUPPORTED_DOCSTRING = ("Stand-in of {name} of a future sd-scripts release lpl-plugin does not know: the v0.10.1 "
+                         "stand-in{more} (tests only).")
+
+
 def root(version: str) -> Path:
-    """The folder of one stand-in."""
-    return STANDINS / f"sd_scripts_{version}"
+    """The folder of one stand-in ("unsupported" is written on first use)."""
+    return unsupported_root() if version == "unsupported" else STANDINS / f"sd_scripts_{version}"
+
+
+@functools.lru_cache(maxsize=None)
+def unsupported_root() -> Path:
+    """The "unsupported" stand-in, written once per process into a temporary folder removed at exit."""
+    temp = Path(tempfile.mkdtemp(prefix="lpl-standin-"))
+    atexit.register(shutil.rmtree, temp, ignore_errors=True)
+    folder = temp / "sd_scripts_unsupported"
+    shutil.copytree(root(UNSUPPORTED_FROM), folder, ignore=shutil.ignore_patterns("__pycache__", "sdxl_train.py"))
+    for path in sorted(folder.rglob("*.py")):
+        name = path.relative_to(folder).as_posix()
+        docstring, rest = path.read_text(encoding="utf-8").split("\n", 1)
+        assert docstring.startswith('"""Stand-in of ') and docstring.endswith('"""'), f"{name}: one-line docstring"
+        more = " whose conditional_loss grew a `weighting` parameter" if name == "library/train_util.py" else ""
+        for old, new in UNSUPPORTED_EDITS.get(name, []):
+            assert rest.count(old) == 1, f"{name}: {old!r} is not there once"
+            rest = rest.replace(old, new)
+        path.write_text(f'"""{UNSUPPORTED_DOCSTRING.format(name=name, more=more)}"""\n{rest}', encoding="utf-8")
+    return folder
 
 
 @contextlib.contextmanager

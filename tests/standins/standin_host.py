@@ -4,9 +4,10 @@ Each `sd_scripts_*` folder mimics one sd-scripts release as far as lpl-plugin se
 its functions delegate here. The loop trains a one-convolution "UNet" on cached latents of a tiny SDXL-layout VAE
 in a few seconds on the CPU, with the host's order of calls: noise helper, UNet, conditional_loss, masking,
 per-sample mean, loss_weights, noise-level weights, mean, backward, optimizer step.
-"""
 
-from __future__ import annotations
+The scripts' shared parts look the host's helpers up on their module at call time (`library(...)` or a module passed
+in), never through a name bound at import: the adapter wraps them there.
+"""
 
 import argparse
 import importlib
@@ -203,6 +204,156 @@ def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache_text_encoder_outputs", action="store_true")
 
 
+# -- the scripts' shared parts -----------------------------------------------------------------------------------
+
+def library(name: str) -> Any:
+    """The stand-in's `library.<name>` module (looked up at call time)."""
+    return importlib.import_module(f"library.{name}")
+
+
+def unet_output(unet: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, accelerator: Any,
+                weight_dtype: torch.dtype, is_train: bool) -> torch.Tensor:
+    """The UNet's prediction under the accelerator's autocast, with gradients in training steps only."""
+    with torch.set_grad_enabled(is_train), accelerator.autocast():
+        return unet(noisy_latents.to(weight_dtype), timesteps)
+
+
+def training_target(args: Any, noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the velocity with v-parameterization, else the noise."""
+    return noise_scheduler.get_velocity(latents, noise, timesteps) if args.v_parameterization else noise
+
+
+def per_sample(loss: torch.Tensor, batch: dict, args: Any) -> torch.Tensor:
+    """An element-wise loss masked (when asked, or when the batch has alpha masks) and averaged per sample."""
+    if args.masked_loss or ("alpha_masks" in batch and batch["alpha_masks"] is not None):
+        loss = library("custom_train_functions").apply_masked_loss(loss, batch)
+    return loss.mean(dim=list(range(1, loss.ndim)))
+
+
+def noise_level_weights(loss: torch.Tensor, args: Any, timesteps: torch.Tensor, noise_scheduler: Any) -> torch.Tensor:
+    """The host's noise-level weights in its order: min-SNR, scale_v_pred, v_pred_like, debiased."""
+    functions = library("custom_train_functions")
+    if args.min_snr_gamma:
+        loss = functions.apply_snr_weight(loss, timesteps, noise_scheduler, args.min_snr_gamma, args.v_parameterization)
+    if args.scale_v_pred_loss_like_noise_pred:
+        loss = functions.scale_v_prediction_loss_like_noise_prediction(loss, timesteps, noise_scheduler)
+    if args.v_pred_like_loss:
+        loss = functions.add_v_prediction_like_loss(loss, timesteps, noise_scheduler, args.v_pred_like_loss)
+    if args.debiased_estimation_loss:
+        loss = functions.apply_debiased_estimation(loss, timesteps, noise_scheduler, args.v_parameterization)
+    return loss
+
+
+def wants_per_sample_loss(args: Any) -> bool:
+    """Whether sdxl_train.py takes the per-sample loss (noise-level weights, masking) or conditional_loss's mean."""
+    return bool(args.min_snr_gamma or args.scale_v_pred_loss_like_noise_pred or args.v_pred_like_loss
+                or args.debiased_estimation_loss or args.masked_loss)
+
+
+def step_logs(current_loss: float, avr_loss: float, lr_scheduler: Any) -> dict[str, float]:
+    """NetworkTrainer.generate_step_logs: the loss and the learning rate."""
+    return {"loss/current": current_loss, "loss/average": avr_loss, "lr/unet": lr_scheduler.get_last_lr()[0]}
+
+
+LossFn = Callable[[dict, nn.Module, nn.Module, Any, Any, torch.dtype, bool], torch.Tensor]
+
+
+def train_lora(trainer: Any, args: argparse.Namespace, loss_fn: LossFn) -> None:
+    """NetworkTrainer.train: the loop with the trainer's models and step logs and the given per-step loss."""
+    def load(args, accelerator, weight_dtype):
+        _, _, vae, unet = trainer.load_target_model(args, weight_dtype, accelerator)
+        return vae, unet
+
+    train(args, load=load, loss_fn=loss_fn, step_logs=trainer.generate_step_logs, lora=True)
+
+
+class NetworkTrainerBase:
+    """What every release's train_network.NetworkTrainer stand-in shares: SD1's latent scale (SDXL sets its own)."""
+
+    def __init__(self):
+        self.vae_scale_factor = 0.18215
+        self.is_sdxl = False
+
+
+class ProcessBatchTrainer(NetworkTrainerBase):
+    """The NetworkTrainer of v0.10.1 and v0.11: the per-step loss in process_batch and post_process_loss.
+
+    `loss_helpers` is the module the release takes get_noise_noisy_latents_and_timesteps,
+    get_huber_threshold_if_needed and conditional_loss from.
+    """
+
+    loss_helpers: Any
+
+    def post_process_loss(self, loss, args, timesteps: torch.IntTensor, noise_scheduler) -> torch.FloatTensor:
+        return noise_level_weights(loss, args, timesteps, noise_scheduler)
+
+    def get_sai_model_spec(self, args):
+        return library("train_util").get_sai_model_spec(None, args, self.is_sdxl, True, False)
+
+    def update_metadata(self, metadata, args):
+        pass
+
+    def process_batch(self, batch, text_encoders, unet, network, vae, noise_scheduler, vae_dtype, weight_dtype,
+                      accelerator, args, text_encoding_strategy, tokenize_strategy, is_train=True,
+                      train_text_encoder=True, train_unet=True) -> torch.Tensor:
+        helpers = self.loss_helpers
+        with torch.no_grad():
+            latents = batch["latents"].to(accelerator.device) * self.vae_scale_factor
+        noise, noisy_latents, timesteps = helpers.get_noise_noisy_latents_and_timesteps(args, noise_scheduler, latents)
+        noise_pred = unet_output(unet, noisy_latents, timesteps, accelerator, weight_dtype, is_train)
+        target = training_target(args, noise_scheduler, latents, noise, timesteps)
+        huber_c = helpers.get_huber_threshold_if_needed(args, timesteps, noise_scheduler)
+        loss = helpers.conditional_loss(noise_pred.float(), target.float(), args.loss_type, "none", huber_c)
+        loss = per_sample(loss, batch, args) * batch["loss_weights"]
+        return self.post_process_loss(loss, args, timesteps, noise_scheduler).mean()
+
+    def train(self, args):
+        def loss_fn(batch, unet, vae, scheduler, accelerator, weight_dtype, is_train):
+            return self.process_batch(batch, [], unet, None, vae, scheduler, None, weight_dtype, accelerator, args,
+                                      None, None, is_train=is_train)
+
+        train_lora(self, args, loss_fn)
+
+
+class SdxlTrainerMixin:
+    """sdxl_train_network.SdxlNetworkTrainer's own parts, mixed into the release's NetworkTrainer: SDXL's latent
+    scale and models."""
+
+    def __init__(self):
+        super().__init__()
+        self.vae_scale_factor = library("sdxl_model_util").VAE_SCALE_FACTOR
+        self.is_sdxl = True
+
+    def load_target_model(self, args, weight_dtype, accelerator):
+        version = library("sdxl_model_util").MODEL_VERSION_SDXL_BASE_V1_0
+        _, text_encoder1, text_encoder2, vae, unet, _, _ = library("sdxl_train_util").load_target_model(
+            args, accelerator, version, weight_dtype)
+        return version, [text_encoder1, text_encoder2], vae, unet
+
+
+def network_parser(arguments_module: Any) -> argparse.ArgumentParser:
+    """train_network.setup_parser: the common training options (`arguments_module`'s add_training_arguments)."""
+    parser = argparse.ArgumentParser()
+    arguments_module.add_training_arguments(parser, True)
+    return parser
+
+
+def with_sdxl_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The parser with library.sdxl_train_util's SDXL options added."""
+    library("sdxl_train_util").add_sdxl_training_arguments(parser)
+    return parser
+
+
+def run_sdxl_network_script(parser: argparse.ArgumentParser, config_module: Any, trainer_class: type) -> None:
+    """sdxl_train_network.py's main: parse the command line, merge the config file (`config_module`'s
+    read_config_from_file), then make the trainer and train."""
+    args = parser.parse_args()
+    args = config_module.read_config_from_file(args, parser)
+    trainer = trainer_class()
+    trainer.train(args)
+
+
 # -- the tiny training loop ---------------------------------------------------------------------------------------
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -226,9 +377,6 @@ def make_scheduler(device: Any):
                               num_train_timesteps=1000, clip_sample=False)
     importlib.import_module("library.custom_train_functions").prepare_scheduler_for_custom_training(scheduler, device)
     return scheduler
-
-
-LossFn = Callable[[dict, nn.Module, nn.Module, Any, Any, torch.dtype, bool], torch.Tensor]
 
 
 def train(args: argparse.Namespace, *, load: Callable[..., tuple], loss_fn: LossFn,

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 import standin_host as host
+from standin_host import prepare_accelerator, prepare_dtype  # noqa: F401  (host functions with these signatures)
 
 
 def get_noise_noisy_latents_and_timesteps(
@@ -26,14 +27,6 @@ def conditional_loss(
 
 def read_config_from_file(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return host.read_config(args, parser)
-
-
-def prepare_accelerator(args: argparse.Namespace):
-    return host.prepare_accelerator(args)
-
-
-def prepare_dtype(args: argparse.Namespace):
-    return host.prepare_dtype(args)
 
 
 def get_sai_model_spec(state_dict: dict, args: argparse.Namespace, sdxl: bool, lora: bool, textual_inversion: bool,

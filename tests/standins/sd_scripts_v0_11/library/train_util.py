@@ -12,14 +12,7 @@ from library.loss import (  # noqa: F401  (re-export shims)
 )
 
 import standin_host as host
-
-
-def prepare_accelerator(args: argparse.Namespace):
-    return host.prepare_accelerator(args)
-
-
-def prepare_dtype(args: argparse.Namespace):
-    return host.prepare_dtype(args)
+from standin_host import prepare_accelerator, prepare_dtype  # noqa: F401  (host functions with these signatures)
 
 
 def get_sai_model_spec(state_dict: dict, args: argparse.Namespace, sdxl: bool, lora: bool, textual_inversion: bool,
