@@ -54,15 +54,20 @@ def unsupported_root() -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def standin(version: str) -> Iterator[Path]:
+def standin(version: str) -> contextlib.AbstractContextManager[Path]:
     """Put a stand-in on sys.path; afterwards uninstall the adapter and forget the host modules."""
+    return on_path(root(version))
+
+
+@contextlib.contextmanager
+def on_path(folder: Path) -> Iterator[Path]:
+    """Put an sd-scripts folder (stand-in or real checkout) on sys.path; afterwards undo all the adapter did."""
     from lpl_plugin.patches import sd_scripts
 
     saved_path, saved_argv = list(sys.path), list(sys.argv)
-    sys.path.insert(0, str(root(version)))
+    sys.path.insert(0, str(folder))
     try:
-        yield root(version)
+        yield folder
     finally:
         sd_scripts.uninstall()
         for name in list(sys.modules):

@@ -22,6 +22,8 @@ from lpl_plugin.diffusion import predict_z0
 from lpl_plugin.loss import LatentPerceptualLoss
 from lpl_plugin.tiny import tiny_vae
 
+from .standin_fixtures import on_path
+
 CHECKOUT = os.environ.get("LPL_SD_SCRIPTS_DIR")
 pytestmark = pytest.mark.skipif(not CHECKOUT, reason="set LPL_SD_SCRIPTS_DIR to an sd-scripts checkout")
 LPL_ON = "[lpl]\nuse_lpl = true\nlpl_t_threshold = 1000\nlpl_num_blocks = 2\n"
@@ -34,12 +36,10 @@ def sd():
 
     from lpl_plugin.patches import sd_scripts
 
-    sys.path.insert(0, str(Path(CHECKOUT).resolve()))
-    sd_scripts.install("lora")  # imports the modules it checks
-    modules = {name: importlib.import_module(name) for name in ("library.train_util", "library.custom_train_functions",
+    with on_path(Path(CHECKOUT).resolve()):  # afterwards the real modules are forgotten, as after a stand-in
+        sd_scripts.install("lora")  # imports the modules it checks
+        yield {name: importlib.import_module(name) for name in ("library.train_util", "library.custom_train_functions",
                                                                 "sdxl_train_network", "train_network")}
-    yield modules
-    sd_scripts.uninstall()
 
 
 class Run:
