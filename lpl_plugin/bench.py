@@ -92,17 +92,6 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build_vae(name: str):
-    """A VAE by name: `tiny` (small SDXL layout) or `sdxl` (SDXL's architecture, random weights)."""
-    from .tiny import sdxl_vae, tiny_vae
-
-    if name == "tiny":
-        return tiny_vae()
-    if name == "sdxl":
-        return sdxl_vae()
-    raise UserError(f"--vae must be tiny or sdxl, got {name!r}")
-
-
 def make_latents(batch: int, size: int, seed: int = 0):
     """A target and a nearby prediction as trainer-scaled latents."""
     import torch
@@ -181,9 +170,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .tiny import random_vae
+
     device = torch.device(args.device)
     variant = VARIANTS[args.worker]
-    vae = build_vae(args.vae).to(device).requires_grad_(False)  # frozen, as a trainer holds it
+    vae = random_vae(args.vae).to(device).requires_grad_(False)  # frozen, as a trainer holds it
     call, backend = _build_call(variant, vae, args, device)
     pred, target = (t.to(device) for t in make_latents(args.batch, args.latent, args.seed))
     cuda = device.type == "cuda"
@@ -284,6 +275,9 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UserError("the reference variant needs --reference PATH/lpl_loss.py")
     if args.reference:
         load_reference(args.reference)  # fail early, in this process, on a bad path
+    from .estimate import layout_vae
+
+    layout_vae(args.vae)  # likewise for a bad --vae, without building its weights
     baseline = args.baseline or ("reference" if "reference" in names else names[0])
     results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     for round_index in range(args.rounds):
@@ -314,7 +308,8 @@ def run_bench(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The bench options, shared by `lpl-plugin bench` and `python -m lpl_plugin.bench`."""
     p = parser
-    p.add_argument("--vae", default="sdxl", choices=("tiny", "sdxl"), help="decoder architecture (random weights)")
+    p.add_argument("--vae", default="sdxl", help="decoder architecture, random weights: tiny, sdxl (default), or a "
+                   "diffusers VAE folder or config.json")
     p.add_argument("--batch", type=int, default=2, help="samples per LPL call")
     p.add_argument("--latent", type=int, default=32, help="latent height and width (pixels / 8)")
     p.add_argument("--blocks", type=int, default=4, help="lpl_num_blocks")

@@ -196,27 +196,10 @@ def layout_vae(spec: str):
     """A VAE skeleton on the meta device (no weights) by name (`tiny`, `sdxl`) or diffusers folder / config.json."""
     import torch
 
-    from .tiny import sdxl_vae, tiny_vae
+    from .tiny import random_vae
 
     with torch.device("meta"):
-        if spec == "tiny":
-            return tiny_vae()
-        if spec == "sdxl":
-            return sdxl_vae()
-        path = Path(spec)
-        config = path if path.is_file() and path.suffix == ".json" else None
-        for folder in (path, path / "vae"):
-            if config is None and (folder / "config.json").is_file():
-                config = folder / "config.json"
-        if config is None:
-            raise UserError(f"--vae: {spec} is neither tiny, sdxl, a diffusers VAE folder nor its config.json "
-                            "(single-file SDXL VAEs share the sdxl layout: pass --vae sdxl)")
-        from diffusers import AutoencoderKL
-
-        try:
-            return AutoencoderKL.from_config(AutoencoderKL.load_config(str(config.parent)))
-        except Exception as error:
-            raise UserError(f"--vae: {config} is not an AutoencoderKL config ({type(error).__name__})") from None
+        return random_vae(spec)
 
 
 def estimate_for(spec: str, *, resolution: int, batch: int, blocks: int, dtype: str, chunk: int = 1,

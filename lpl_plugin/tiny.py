@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .errors import UserError
 
 SDXL_SCALING_FACTOR = 0.13025
 SDXL_VAE_CHANNELS = (128, 256, 512, 512)
@@ -61,3 +64,25 @@ def sdxl_conditioning(batch: int, resolution: int, *, seed: int = 0, tokens: int
     pooled = torch.randn(batch, TINY_POOLED_DIM, generator=generator)
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
     return text, {"text_embeds": pooled, "time_ids": time_ids.repeat(batch, 1)}
+
+
+def random_vae(spec: str):
+    """A VAE with random weights by name (`tiny`, `sdxl`) or from a diffusers VAE folder or its config.json."""
+    if spec == "tiny":
+        return tiny_vae()
+    if spec == "sdxl":
+        return sdxl_vae()
+    path = Path(spec)
+    config = path if path.is_file() and path.suffix == ".json" else None
+    for folder in (path, path / "vae"):
+        if config is None and (folder / "config.json").is_file():
+            config = folder / "config.json"
+    if config is None:
+        raise UserError(f"--vae: {spec} is neither tiny, sdxl, a diffusers VAE folder nor its config.json "
+                        "(single-file SDXL VAEs share the sdxl layout: pass --vae sdxl)")
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(str(config.parent))).eval()
+    except Exception as error:
+        raise UserError(f"--vae: {config} is not an AutoencoderKL config ({type(error).__name__})") from None

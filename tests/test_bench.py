@@ -7,6 +7,7 @@ import os
 import pytest
 
 from lpl_plugin.cli import main
+from lpl_plugin.tiny import tiny_vae
 
 TINY = ["bench", "--vae", "tiny", "--latent", "8", "--batch", "2", "--rounds", "1", "--calls", "1",
         "--device", "cpu", "--threads", "1"]
@@ -39,8 +40,19 @@ def test_bench_runs_the_reference_side_by_side(capsys):
     assert float(table["compat"][8]) == pytest.approx(float(table["reference"][8]), rel=1e-4)
 
 
-def test_bench_rejects_unknown_variants_and_missing_reference(capsys, tmp_path):
+def test_bench_takes_a_vae_config(capsys, tmp_path):
+    tiny_vae((8, 16), groups=4).save_config(tmp_path)
+    args = [a if a != "tiny" else str(tmp_path / "config.json") for a in TINY]
+    assert main([*args, "--variants", "lean", "--blocks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"vae={tmp_path / 'config.json'}" in out and set(rows(out)) == {"lean"}
+
+
+def test_bench_rejects_unknown_variants_missing_reference_and_bad_vae(capsys, tmp_path):
     assert main([*TINY, "--variants", "fastest"]) == 2
     assert main([*TINY, "--reference", str(tmp_path / "lpl_loss.py")]) == 2
+    assert main([*[a if a != "tiny" else str(tmp_path) for a in TINY], "--variants", "lean"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "valid:" in err[0] and "no such file" in err[1]
+    assert len(err) == 3 and "valid:" in err[0] and "no such file" in err[1]
+    assert err[2].endswith("is neither tiny, sdxl, a diffusers VAE folder nor its config.json (single-file SDXL VAEs "
+                           "share the sdxl layout: pass --vae sdxl)")
