@@ -197,8 +197,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         loss = float(value)
         del leaf, value
     peak = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss()) - base
-    return {"variant": variant.name, "times": times, "cpu_times": cpu_times, "peak": peak, "loss": loss, "attention": backend,
-            "device": str(device), "threads": torch.get_num_threads()}
+    return {"variant": variant.name, "times": times, "cpu_times": cpu_times, "peak": peak, "loss": loss,
+            "attention": backend, "device": str(device), "threads": torch.get_num_threads()}
 
 
 # -- orchestration -----------------------------------------------------------------------------------------------

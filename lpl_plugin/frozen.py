@@ -5,7 +5,8 @@ can be recomputed from its input for the price of an elementwise pass. The priva
 ResNet block and upsampler as one autograd function: a ResNet block keeps its input and its first convolution's
 output (two maps instead of six; with `recompute=True` only its input, redoing the first convolution in backward),
 and their backward passes work through wide maps a channel slice at a time. An upsampler keeps nothing and runs
-its 3x3 convolution of the 2x-upsampled map as four 2x2 convolutions of the small one (2.25x fewer operations). The forward math is the diffusers blocks' own, unchanged.
+its 3x3 convolution of the 2x-upsampled map as four 2x2 convolutions of the small one (2.25x fewer operations).
+The math is the diffusers blocks' own; only the upsamplers sum in another order (float32 rounding apart).
 """
 
 from __future__ import annotations
@@ -184,15 +185,19 @@ def _plain_upsampler(block: nn.Module) -> bool:
             and FrozenConv2d.supports(conv) and conv.kernel_size == (3, 3) and conv.padding == (1, 1))
 
 
+def _fold(kernel: Tensor, dim: int, phase: int) -> Tensor:
+    """Three taps along `dim` folded to two: output phase 0 sees (k0, k1 + k2), phase 1 sees (k0 + k1, k2)."""
+    k0, k1, k2 = kernel.unbind(dim)
+    return torch.stack((k0, k1 + k2) if phase == 0 else (k0 + k1, k2), dim)
+
+
 def _phase_kernels(weight: Tensor) -> list[tuple[int, int, Tensor]]:
     """The four 2x2 kernels (row phase, column phase, kernel) that give conv3x3(upsample2x(x)) from x itself.
 
     Output pixel (2i + a, 2j + b) sees low-resolution rows i - 1 + a and i + a and the same for columns, each row
     of the 3x3 kernel landing on one of them: 16 taps per low-resolution pixel instead of 36 on the upsampled map.
     """
-    halves = [lambda k, d: torch.stack((k.select(d, 0), k.select(d, 1) + k.select(d, 2)), d),
-              lambda k, d: torch.stack((k.select(d, 0) + k.select(d, 1), k.select(d, 2)), d)]
-    return [(a, b, col(row(weight, 2), 3)) for a, row in enumerate(halves) for b, col in enumerate(halves)]
+    return [(a, b, _fold(_fold(weight, 2, a), 3, b)) for a in (0, 1) for b in (0, 1)]
 
 
 def _upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -265,7 +270,8 @@ def freeze_layers(module: nn.Module, exact_upsampling: bool = False) -> int:
                 for inner, conv in list(child.named_children()):
                     if FrozenConv2d.supports(conv):
                         setattr(child, inner, FrozenConv2d.from_conv(conv))
-                setattr(parent, name, LeanResnet(child) if _plain_resnet(child) else LeanUpsample(child, exact_upsampling))
+                lean = LeanResnet(child) if _plain_resnet(child) else LeanUpsample(child, exact_upsampling)
+                setattr(parent, name, lean)
                 swapped += 1
             elif FrozenConv2d.supports(child) and not isinstance(child, FrozenConv2d):
                 setattr(parent, name, FrozenConv2d.from_conv(child))
