@@ -63,8 +63,8 @@ class LPLConfig:
     lpl_chunk_size: int = _option(1, "Samples per decoder pass in lean mode; halved automatically on "
                                   "out-of-memory.", minimum=1, step=1, group="engine")
     lpl_checkpointing: str = _option("auto", "Recompute decoder activations in backward: 'none' (fastest), "
-                                     "'block', 'resnet' (least memory), or 'auto' (resnet-level for "
-                                     "full-resolution stages only).",
+                                     "'block', 'resnet' (least memory), or 'auto' ('none' until LPL runs out "
+                                     "of memory with one sample per pass, then 'resnet').",
                                      choices=("auto", "none", "block", "resnet"), group="engine")
     lpl_max_bad_steps: int = _option(50, "Stop the run after this many LPL evaluations in a row whose value or "
                                      "gradient was not finite (inf/NaN), usually an fp16 VAE overflowing; "

@@ -224,10 +224,8 @@ def estimate_for(spec: str, *, resolution: int, batch: int, blocks: int, dtype: 
     vae = layout_vae(spec)
     level = logging.getLogger("lpl_plugin").level
     logging.getLogger("lpl_plugin").setLevel(logging.WARNING)  # no attention-backend line for a skeleton
-    try:
+    try:  # a VAE with too few up blocks raises VaeMismatch, a UserError
         trunk = DecoderTrunk(vae, blocks, use_post_quant_conv=not compat, dtype=torch_dtype, device="meta")
-    except ValueError as error:
-        raise UserError(str(error)) from None
     finally:
         logging.getLogger("lpl_plugin").setLevel(level)
     masks = outlier_factors(config, trunk.downsample_factors)
