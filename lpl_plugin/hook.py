@@ -53,12 +53,16 @@ class LPLHook:
             scale = self.loss.loss_scale
             scale.value = torch.tensor(float(state["loss_scale"]), dtype=scale.value.dtype, device=scale.value.device)
 
-    def _gate(self, timesteps: Tensor) -> tuple[Tensor, int]:
-        """Indices of the samples with t < lpl_t_threshold, read with the guard's streak in the step's one sync.
+    def _gate(self, timesteps: Tensor, prediction_type: str, alphas_cumprod: Tensor | None) -> tuple[Tensor, int]:
+        """Indices of the samples LPL applies to, read with the guard's streak in the step's one sync.
 
+        A sample applies when t < lpl_t_threshold and z0 is recoverable from the prediction: epsilon at a
+        zero-terminal-SNR timestep (alphas_cumprod[t] == 0) has no signal left to recover, so it gets no LPL.
         The streak counts earlier evaluations, so a run stops at the call after its last allowed bad one.
         """
         gate = (timesteps < self.config.lpl_t_threshold).flatten()
+        if prediction_type == "epsilon" and alphas_cumprod is not None:
+            gate = gate & (alphas_cumprod.to(timesteps.device)[timesteps.long()].flatten() > 0)
         streak = self.guard.streak
         flags = torch.cat([gate.to(device=streak.device, dtype=torch.int64), streak.reshape(1)]).tolist()
         index = [i for i, flag in enumerate(flags[:-1]) if flag]
@@ -92,7 +96,7 @@ class LPLHook:
         if not (self.config.use_lpl and is_training and step >= self.config.lpl_start):
             return HookResult(term, {})
         # The one host sync per step: which samples are gated (the decoder runs for those alone), and the guard.
-        index, streak = self._gate(timesteps)
+        index, streak = self._gate(timesteps, prediction_type, alphas_cumprod)
         self.guard.check(streak)
         gated = int(index.numel())
         logs: dict[str, Tensor | float] = {"lpl/applied_fraction": gated / batch}

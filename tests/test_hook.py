@@ -50,6 +50,19 @@ def test_gate_zeroes_samples_above_threshold(vae, scheduler):
     torch.testing.assert_close(applied.loss[[0, 2]], hook.loss(z0_hat, ctx.latents[[0, 2]]))
 
 
+def test_epsilon_at_zero_terminal_snr_gets_no_lpl_and_stays_finite(vae):
+    zero_snr = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                             beta_end=0.012, rescale_betas_zero_snr=True)
+    assert zero_snr.alphas_cumprod[999] == 0
+    registry, hook = hook_registry(vae, lpl_t_threshold=1000)
+    ctx = step_context(zero_snr, [10, 999])
+    applied = registry.apply(ctx)
+    assert applied.loss[1] == 0 and applied.loss[0] > 0 and applied.logs["lpl/applied_fraction"] == 0.5
+    applied.loss.sum().backward()
+    grad = ctx.model_pred.grad
+    assert torch.isfinite(grad).all() and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
 def test_no_gated_sample_skips_the_decoder(vae, scheduler):
     registry, hook = hook_registry(vae)
     applied = registry.apply(step_context(scheduler, [400, 900]))
