@@ -57,45 +57,6 @@ DEFAULT_VARIANTS = ("lean", "batch", "autograd")
 
 # -- measurement inside one worker process ------------------------------------------------------------------------
 
-def _status_kb(field_name: str) -> int | None:
-    """A `kB` field of /proc/self/status, or None where there is no procfs."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def current_rss() -> int:
-    """Resident memory of this process in bytes."""
-    kb = _status_kb("VmRSS")
-    if kb is not None:
-        return kb * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> None:
-    """Restart the peak-RSS counter where Linux allows it, so model construction does not hide LPL's peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process in bytes (since the last reset where supported)."""
-    kb = _status_kb("VmHWM")
-    if kb is not None:
-        return kb * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def make_latents(batch: int, size: int, seed: int = 0):
     """A target and a nearby prediction as trainer-scaled latents."""
     import torch
@@ -156,12 +117,12 @@ def _build_call(variant: Variant, vae, args: argparse.Namespace, device):
         return call, backend
     from .loss import LatentPerceptualLoss
 
-    config = LPLConfig.from_mapping({**_loss_settings(args), **variant.settings})
+    config = LPLConfig.from_mapping({**_loss_settings(args), **variant.settings, **json.loads(args.settings)})
     engine = LatentPerceptualLoss(vae, config, device=device)
     backend = choose_attention(engine.trunk, device, engine.trunk.dtype, prefer=args.attention)
 
     def call(pred, target):
-        value = engine(pred, target)
+        value = engine(pred, target).per_sample
         value.sum().backward()
         return value.detach().mean()
 
@@ -174,6 +135,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .memory import current_rss, peak_rss, reset_peak_rss
     from .tiny import random_vae
 
     device = torch.device(args.device)
@@ -214,7 +176,7 @@ def _worker_argv(args: argparse.Namespace, name: str) -> list[str]:
             "--norm", args.norm, "--loss", args.loss, "--calls", str(args.calls), "--seed", str(args.seed),
             "--device", args.device, "--attention", args.attention, "--threads", str(args.threads)]
     argv += ["--no-pow-law"] * args.no_pow_law + ["--no-outliers"] * args.no_outliers
-    argv += ["--reference-no-ckpt"] * args.reference_no_ckpt
+    argv += ["--reference-no-ckpt"] * args.reference_no_ckpt + ["--settings", args.settings]
     if args.reference:
         argv += ["--reference", str(Path(args.reference).resolve())]
     return argv
@@ -330,7 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-no-ckpt", action="store_true", help="run the reference with grad_ckpt=False")
     p.add_argument("--baseline", help="variant the ratios refer to (default: reference if run, else the first)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (one fresh process per variant each)")
-    p.add_argument("--calls", type=int, default=2, help="LPL calls per process; the fastest counts")
+    p.add_argument("--calls", type=int, help="LPL calls per process; the fastest counts (default: 2; --suite: 3 on "
+                   "CUDA, 1 on a CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random latents")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attention", default="auto", choices=("auto", "sdpa", "xformers"),
@@ -341,6 +304,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "system and peak RSS follows the tensors alive (as torch.cuda.max_memory_allocated does); "
                    "'default' keeps glibc's growing heap, whose slack counts as well")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--suite", choices=("gpu",), help="run a whole report instead of one table: 'gpu' measures the "
+                   "side-by-side table at 1024 px in bf16 (xformers on and off), each preset's LPL settings against "
+                   "`estimate`, and a short demo run, and writes report.md and report.json to --out; on a CPU it "
+                   "runs a reduced version")
+    p.add_argument("--out", default="lpl-bench", help="folder of the --suite report (default: ./lpl-bench)")
+    p.add_argument("--demo-steps", type=int, help="--suite: optimizer steps of the demo run")
+    p.add_argument("--resolution", type=int, help="--suite: image side in pixels (default: 1024 on CUDA, 256 on CPU)")
+    p.add_argument("--settings", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
@@ -355,12 +326,18 @@ def _resolve_device(args: argparse.Namespace) -> None:
 def _main(args: argparse.Namespace) -> int:
     """Entry point for both spellings of the command."""
     _resolve_device(args)
-    for name in ("batch", "latent", "rounds", "calls"):
-        if getattr(args, name) < 1:
+    if args.calls is None and not args.suite:
+        args.calls = 2
+    for name in ("batch", "latent", "rounds", "calls", "demo_steps", "resolution"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.worker:
         print(json.dumps(run_worker(args)))
         return 0
+    if args.suite:
+        from .bench_suite import run_suite
+
+        return run_suite(args)
     return run_bench(args)
 
 

@@ -18,10 +18,10 @@ from .errors import UserError
 
 GIB = 2 ** 30
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# Bytes per element, measured on the CPU: float32 loss math; a stored outlier mask; the scratch of building the
-# mask (quantiles, morphology, the masked target; on the CPU kthvalue also clones its input with int64 indices);
-# the distance's float32 work on a slice, with and without a mask.
-F32, MASK, MASK_CPU, MASK_GPU, DISTANCE_MASKED, DISTANCE = 4, 1, 18, 10, 10, 6
+# Bytes per element, measured on the CPU: a stored outlier mask; the scratch of taking one layer's gradient on a
+# channel slice (float32 work, the mask pass, widening of half-precision maps), by item size and masking.
+MASK = 1
+LAYER_WORK = {(4, False): 4, (4, True): 5, (2, False): 6, (2, True): 8}
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Estimate:
 
 def decoder_units(trunk, latent_height: int, latent_width: int) -> list[list[Unit]]:
     """The units of each stage of a DecoderTrunk (mid block first) for latents of the given size."""
-    from .features import _has_upsampler
+    from .features import has_upsampler
 
     height, width = latent_height, latent_width
     stages = []
@@ -74,7 +74,7 @@ def decoder_units(trunk, latent_height: int, latent_width: int) -> list[list[Uni
     stages.append(units)
     for block in trunk.up_blocks:
         units = [Unit("resnet", r.in_channels, r.out_channels, height, width) for r in block.resnets]
-        if _has_upsampler(block):
+        if has_upsampler(block):
             channels = block.resnets[-1].out_channels
             units.append(Unit("upsampler", channels, channels, height, width))
             height, width = height * 2, width * 2
@@ -112,34 +112,36 @@ def _forward_scratch(unit: Unit, b: int, itemsize: int) -> int:
 
 
 def _backward_scratch(unit: Unit, b: int, itemsize: int, recompute: bool) -> int:
-    """Bytes a unit allocates while it runs backward, beyond its incoming gradient (measured on the CPU)."""
+    """Bytes a unit allocates while it runs backward, beyond its incoming gradient (measured on the CPU).
+
+    A ResNet block holds its first half's output and that output's gradient, then its input gradient and a few
+    channel slices while that gradient is finished slice by slice; recomputing its first half needs the
+    normalized input beside it.
+    """
+    from .tensors import SLICE_ELEMENTS
+
     inp, out = unit.maps(b, itemsize)
     if unit.kind == "upsampler":
         return 3 * out // 2  # per phase: its padded gradient, its input gradient, the sum (quarter maps)
     if unit.kind == "attention":
         return 6 * inp
-    scratch = 4 * inp if unit.in_channels != unit.out_channels else 2 * inp + out
-    return scratch + (out if recompute else 0)
+    part = min(inp, SLICE_ELEMENTS * itemsize)
+    scratch = max(2 * out, out + inp) + 3 * part
+    return max(scratch, inp + out) if recompute else scratch
 
 
-def _layer_scratch(feature: int, itemsize: int, channels: int, masked: bool, cuda: bool) -> int:
-    """Bytes of one layer's distance gradient: its gradient map, the masks, and float32 work on channel slices."""
-    from .lean import MASK_SLICE_ELEMENTS, SLICE_ELEMENTS
+def _layer_scratch(feature: int, itemsize: int, channels: int, masked: bool) -> int:
+    """Bytes of one layer's gradient: its gradient map, the masks, and the float32 work on a channel slice."""
+    from .tensors import SLICE_ELEMENTS
 
     pixels = feature // itemsize
     per_channel = max(1, pixels // channels)
-
-    def part(elements: int) -> int:
-        return min(pixels, max(1, elements // per_channel) * per_channel)
-
-    widen = 0 if itemsize == F32 else F32
-    mask_work = part(MASK_SLICE_ELEMENTS) * (widen + (MASK_GPU if cuda else MASK_CPU)) if masked else 0
-    distance_work = part(SLICE_ELEMENTS) * (widen + (DISTANCE_MASKED if masked else DISTANCE))
-    return feature + (pixels * MASK if masked else 0) + max(mask_work, distance_work)
+    part = min(pixels, max(1, SLICE_ELEMENTS // per_channel) * per_channel)
+    return feature + (pixels * MASK if masked else 0) + part * LAYER_WORK.get((min(itemsize, 4), masked), 8)
 
 
 def estimate_peak(trunk, latent_shape: Sequence[int], *, chunk: int = 1, checkpointing: str = "none",
-                  masked_layers: Sequence[bool] | None = None, cuda: bool = False) -> Estimate:
+                  masked_layers: Sequence[bool] | None = None) -> Estimate:
     """Peak extra memory of one lean LPL call of the given trunk on latents of `latent_shape` (B, C, H, W)."""
     batch, _, height, width = latent_shape
     b = min(chunk, batch)
@@ -172,7 +174,7 @@ def estimate_peak(trunk, latent_shape: Sequence[int], *, chunk: int = 1, checkpo
         kept += held[-1]
         result.see(f"layer gradient, stage {index}", {
             "kept activations": kept, "layer gradients": grads, "target maps": target,
-            "scratch": _layer_scratch(feature, itemsize, units[-1].out_channels, masked[index], cuda)})
+            "scratch": _layer_scratch(feature, itemsize, units[-1].out_channels, masked[index])})
         grads += feature
     for index in range(len(stages) - 1, -1, -1):  # backward: the last stage first
         units = stages[index]
@@ -212,7 +214,7 @@ def estimate_for(spec: str, *, resolution: int, batch: int, blocks: int, dtype: 
 
     from .config import LPLConfig
     from .features import DecoderTrunk
-    from .loss import outlier_factors
+    from .outliers import masked_layers
     from .precision import DTYPES
 
     if resolution % 8:
@@ -228,10 +230,10 @@ def estimate_for(spec: str, *, resolution: int, batch: int, blocks: int, dtype: 
         trunk = DecoderTrunk(vae, blocks, use_post_quant_conv=not compat, dtype=torch_dtype, device="meta")
     finally:
         logging.getLogger("lpl_plugin").setLevel(level)
-    masks = outlier_factors(config, trunk.downsample_factors)
+    masks = masked_layers(config.lpl_remove_outliers, compat, trunk.downsample_factors)
     latent = resolution // 8
     return estimate_peak(trunk, (batch, 4, latent, latent), chunk=chunk, checkpointing=checkpointing,
-                         masked_layers=[m is not None for m in masks], cuda=device == "cuda")
+                         masked_layers=[m is not None for m in masks])
 
 
 def render(estimate: Estimate, settings: str) -> str:

@@ -1,14 +1,19 @@
-"""A private, frozen copy of the VAE decoder stages that LPL reads, with named stages and optional recomputation."""
+"""The decoder trunk: a private, frozen copy of the VAE decoder stages LPL reads, with optional recomputation.
+
+It knows nothing of losses: it runs `[post_quant_conv] -> conv_in -> mid_block -> up_blocks[:n]` stage by stage in
+its own precision, with the lean frozen layers of `frozen.py`, and recomputes in backward what the caller asks:
+'block' keeps only each stage's input, 'resnet' only each ResNet block's input (attention stages whole).
+"""
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from .attention import choose_attention
 from .errors import VaeMismatch
@@ -17,10 +22,42 @@ from .frozen import LeanResnet, LeanUpsample, freeze_layers
 log = logging.getLogger("lpl_plugin")
 
 
-
-def _has_upsampler(block: nn.Module) -> bool:
+def has_upsampler(block: nn.Module) -> bool:
     """Whether a decoder up block doubles the resolution."""
     return getattr(block, "upsamplers", None) is not None
+
+
+class _Recompute(torch.autograd.Function):
+    """Runs a function without keeping anything but its input; backward runs it again with a graph, then through it.
+
+    Unlike torch.utils.checkpoint, nothing the function stores on its own (such as a lean block's kept maps)
+    survives the forward pass: the forward runs without autograd, so no node is built at all.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, run: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        """Run without a graph, keeping only the input."""
+        ctx.run = run
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        """Recompute with a graph (the host's autocast off) and backpropagate through it."""
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+            leaf = x.detach().requires_grad_(True)
+            (grad_x,) = torch.autograd.grad(ctx.run(leaf), leaf, grad)
+        return grad_x, None
+
+
+def recompute(run: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """`run(x)`, recomputed in backward instead of kept (a plain call when no gradient is needed)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Recompute.apply(x, run)
+    return run(x)
 
 
 def _run_recomputing_resnets(stage: nn.Module, x: Tensor) -> Tensor:
@@ -29,9 +66,9 @@ def _run_recomputing_resnets(stage: nn.Module, x: Tensor) -> Tensor:
         if isinstance(resnet, LeanResnet):
             x = resnet(x, None, recompute=True)
         else:
-            x = checkpoint(resnet, x, None, use_reentrant=False)
+            x = recompute(lambda h, block=resnet: block(h, None), x)
     for upsampler in stage.upsamplers or []:
-        x = upsampler(x) if isinstance(upsampler, LeanUpsample) else checkpoint(upsampler, x, use_reentrant=False)
+        x = upsampler(x) if isinstance(upsampler, LeanUpsample) else recompute(upsampler, x)
     return x
 
 
@@ -68,10 +105,10 @@ class DecoderTrunk(nn.Module):
         self.device = torch.device(device)
         self.stage_names = ["mid"] + [f"up{i}" for i in range(num_blocks)]
         # Resolution of each feature map below the decoder's output, from the full decoder's layout.
-        remaining = sum(_has_upsampler(b) for b in decoder.up_blocks)
+        remaining = sum(has_upsampler(b) for b in decoder.up_blocks)
         factors = [2 ** remaining]
         for block in decoder.up_blocks[:num_blocks]:
-            remaining -= _has_upsampler(block)
+            remaining -= has_upsampler(block)
             factors.append(2 ** remaining)
         self.downsample_factors = factors
         self.attention = choose_attention(self, self.device, dtype)
@@ -94,7 +131,7 @@ class DecoderTrunk(nn.Module):
             return stage(x, None)
         if checkpointing == "resnet" and getattr(stage, "attentions", None) is None and hasattr(stage, "resnets"):
             return _run_recomputing_resnets(stage, x)
-        return checkpoint(stage, x, None, use_reentrant=False)
+        return recompute(lambda h: stage(h, None), x)
 
     def no_autocast(self) -> torch.autocast:
         """A context that turns the host's autocast off, so the decoder runs in its own dtype."""

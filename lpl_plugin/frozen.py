@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .lean import channel_slices
+from .tensors import channel_slices
 
 
 def _needs_input_grad_only(x: Tensor, module: nn.Module) -> bool:
@@ -35,23 +35,27 @@ def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     return F.silu(F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps), inplace=True)
 
 
-def _norm_silu_backward(norm: nn.GroupNorm, x: Tensor, grad: Tensor) -> Tensor:
-    """Input gradient of silu(norm(x)), a few whole groups at a time."""
-    out = torch.empty_like(x)
+def _norm_silu_backward_(norm: nn.GroupNorm, x: Tensor, grad: Tensor) -> Tensor:
+    """Input gradient of silu(norm(x)) written over `grad` (a fresh tensor the caller owns), whole groups at a time."""
     per_group = x.shape[1] // norm.num_groups
     for part in channel_slices(x.shape, per_group):
-        xs = x[:, part].contiguous()
-        n, c = xs.shape[:2]
-        hw = xs[0, 0].numel()
-        groups = c // per_group
-        weight = None if norm.weight is None else norm.weight[part]
-        bias = None if norm.bias is None else norm.bias[part]
-        normed, mean, rstd = torch.native_group_norm(xs, weight, bias, n, c, hw, groups, norm.eps)
-        gs = torch.ops.aten.silu_backward(grad[:, part], normed)
-        del normed
-        out[:, part] = torch.ops.aten.native_group_norm_backward(gs, xs, mean, rstd, weight, n, c, hw, groups,
-                                                                 [True, False, False])[0]
-    return out
+        grad[:, part] = _norm_silu_backward_part(norm, x[:, part], grad[:, part], part)
+    return grad
+
+
+def _norm_silu_backward_part(norm: nn.GroupNorm, x: Tensor, grad: Tensor, part: slice) -> Tensor:
+    """Input gradient of silu(norm(x)) for the channels `part` (whole groups), recomputing the normalized map."""
+    xs = x.contiguous()
+    n, c = xs.shape[:2]
+    hw = xs[0, 0].numel()
+    groups = c // (norm.num_channels // norm.num_groups)
+    weight = None if norm.weight is None else norm.weight[part]
+    bias = None if norm.bias is None else norm.bias[part]
+    normed, mean, rstd = torch.native_group_norm(xs, weight, bias, n, c, hw, groups, norm.eps)
+    silu_grad = torch.ops.aten.silu_backward(grad, normed)
+    del normed
+    return torch.ops.aten.native_group_norm_backward(silu_grad, xs, mean, rstd, weight, n, c, hw, groups,
+                                                     [True, False, False])[0]
 
 
 class FrozenConv2d(nn.Conv2d):
@@ -162,18 +166,32 @@ class _ResnetFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        """The main path in reverse, freeing each map once used, then the shortcut's gradient added in."""
+        """The main path in reverse, freeing each map once used; the input gradient slice by slice of channels.
+
+        conv1's input gradient for a slice of input channels needs only those channels' weights, so each slice is
+        finished at once (GroupNorm + SiLU backward, the shortcut's gradient added) and written to the result:
+        beside the result only slice-sized scratch is alive.
+        """
         block: LeanResnet = ctx.block
         (x,) = ctx.saved_tensors
         h = ctx.hidden if ctx.hidden is not None else block.conv1(_norm_silu(block.norm1, x))
         ctx.hidden = None
         if block.output_scale_factor != 1.0:
             grad = grad / block.output_scale_factor
-        g = _norm_silu_backward(block.norm2, h, _conv_input_grad(block.conv2, grad, h.shape))
+        g = _norm_silu_backward_(block.norm2, h, _conv_input_grad(block.conv2, grad, h.shape))
         del h
-        g = _norm_silu_backward(block.norm1, x, _conv_input_grad(block.conv1, g, x.shape))
-        return g.add_(_conv_input_grad(block.conv_shortcut, grad, x.shape) if block.conv_shortcut is not None
-                      else grad), None, None
+        result = torch.empty_like(x)
+        norm1, conv1, shortcut = block.norm1, block.conv1, block.conv_shortcut
+        for part in channel_slices(x.shape, norm1.num_channels // norm1.num_groups):
+            shape = (x.shape[0], part.stop - part.start, *x.shape[2:])
+            gx = torch.nn.grad.conv2d_input(shape, conv1.weight[:, part], g, 1, conv1.padding)
+            gx = _norm_silu_backward_part(norm1, x[:, part], gx, part)
+            if shortcut is not None:
+                gx.add_(torch.nn.grad.conv2d_input(shape, shortcut.weight[:, part], grad, 1, shortcut.padding))
+            else:
+                gx.add_(grad[:, part])
+            result[:, part] = gx
+        return result, None, None
 
 
 def _plain_upsampler(block: nn.Module) -> bool:

@@ -21,23 +21,31 @@ class NonFiniteLPLError(UserError):
 
 
 class FiniteGradient(torch.autograd.Function):
-    """Identity in forward; in backward zeroes the whole gradient of every sample that holds any inf or NaN."""
+    """Identity in forward; in backward zeroes the whole gradient of every sample that holds any inf or NaN.
+
+    The number of samples zeroed is added, on the device, to a counter tensor the caller owns.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, counter: Tensor | None) -> Tensor:  # type: ignore[override]
         """Pass the input through unchanged."""
+        ctx.counter = counter
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        """grad[b] if every element of it is finite, else zeros."""
-        finite = torch.isfinite(grad).flatten(1).all(dim=1).reshape(-1, *([1] * (grad.dim() - 1)))
-        return torch.where(finite, grad, torch.zeros_like(grad))
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        """grad[b] if every element of it is finite, else zeros (counted)."""
+        finite = torch.isfinite(grad).flatten(1).all(dim=1)
+        if ctx.counter is not None:
+            ctx.counter.add_((~finite).sum().to(ctx.counter.dtype))
+        finite = finite.reshape(-1, *([1] * (grad.dim() - 1)))
+        return torch.where(finite, grad, torch.zeros_like(grad)), None
 
 
-def finite_gradient(x: Tensor) -> Tensor:
-    """`x` whose gradient is zeroed per sample wherever it is not finite (a no-op without autograd)."""
-    return FiniteGradient.apply(x) if x.requires_grad else x
+def finite_gradient(x: Tensor, counter: Tensor | None = None) -> Tensor:
+    """`x` whose gradient is zeroed per sample wherever it is not finite, counted into `counter` (no-op without
+    autograd)."""
+    return FiniteGradient.apply(x, counter) if x.requires_grad else x
 
 
 def stop_message(streak: int, limit: int, decoder_dtype: torch.dtype) -> str:
@@ -67,6 +75,18 @@ class NonFiniteGuard:
         self.decoder_dtype = decoder_dtype
         self.streak = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+
+    def state_dict(self) -> dict[str, int]:
+        """The counters as plain numbers (read from the device: call at save time only)."""
+        return {"streak": int(self.streak), "bad_steps": int(self.bad_steps)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore what state_dict wrote; missing keys keep their current values."""
+        device = self.streak.device
+        if "streak" in state:
+            self.streak = torch.tensor(int(state["streak"]), dtype=torch.int64, device=device)
+        if "bad_steps" in state:
+            self.bad_steps = torch.tensor(int(state["bad_steps"]), dtype=torch.int64, device=device)
 
     def record(self, bad_samples: Tensor | int) -> None:
         """Account one LPL evaluation given how many of its samples were not finite (device tensor, no sync)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +12,7 @@ from .config import LPLConfig
 from .diffusion import min_snr_weight, predict_z0, snr
 from .guard import NonFiniteGuard, finite_gradient
 from .loss import LatentPerceptualLoss
+from .precision import SCALE_FLOOR
 from .registry import HookResult
 
 log = logging.getLogger("lpl_plugin")
@@ -30,31 +32,31 @@ class LPLHook:
         self.loss = LatentPerceptualLoss(vae, config, scaling_factor, shift_factor, device=device)
         self.compat = config.lpl_compat == "diffusers"
         self.guard = NonFiniteGuard(config.lpl_max_bad_steps, self.loss.trunk.dtype, self.loss.trunk.device)
+        self._warned_floor = False
 
-    def state_dict(self) -> dict[str, int | float]:
-        """Counters that must survive a resume (plain numbers, JSON-safe; read at save time only)."""
-        stats = self.loss.stats
-        return {"streak": int(self.guard.streak), "bad_steps": int(self.guard.bad_steps),
-                "nonfinite_samples": int(stats.nonfinite_samples), "oom_skips": stats.oom_skips,
-                "chunk_size": self.loss.chunk_size, "loss_scale": float(self.loss.loss_scale.value)}
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's learned state and the guard's counters (plain numbers, JSON-safe; read at save time only)."""
+        return {"engine": self.loss.state.state_dict(), "guard": self.guard.state_dict()}
 
-    def load_state_dict(self, state: dict[str, int | float]) -> None:
-        """Restore the counters written by state_dict; missing keys keep their fresh values."""
-        device = self.guard.streak.device
-        if "streak" in state:
-            self.guard.streak = torch.tensor(int(state["streak"]), device=device)
-        if "bad_steps" in state:
-            self.guard.bad_steps = torch.tensor(int(state["bad_steps"]), device=device)
-        if "nonfinite_samples" in state:
-            self.loss.stats.nonfinite_samples = torch.tensor(int(state["nonfinite_samples"]), device=device)
-        self.loss.stats.oom_skips = int(state.get("oom_skips", self.loss.stats.oom_skips))
-        self.loss.chunk_size = int(state.get("chunk_size", self.loss.chunk_size))
-        if "loss_scale" in state:
-            scale = self.loss.loss_scale
-            scale.value = torch.tensor(float(state["loss_scale"]), dtype=scale.value.dtype, device=scale.value.device)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict wrote, keeping this run's settings; warns when the saved settings differ.
 
-    def _gate(self, timesteps: Tensor, prediction_type: str, alphas_cumprod: Tensor | None) -> tuple[Tensor, int]:
-        """Indices of the samples LPL applies to, read with the guard's streak in the step's one sync.
+        A state written by lpl-plugin 0.1 (flat counters) restores its counters only.
+        """
+        if "engine" not in state:  # 0.1: {"streak", "bad_steps", "nonfinite_samples", "oom_skips", ...}
+            self.guard.load_state_dict(state)
+            state = {"engine": {"counters": {k: state[k] for k in ("nonfinite_samples", "oom_skips") if k in state}}}
+        else:
+            self.guard.load_state_dict(state.get("guard", {}))
+        changed = self.loss.state.load_state_dict(state["engine"])
+        if changed:
+            log.warning("lpl-plugin: the resumed LPL state was saved with other settings (%s); this run keeps its "
+                        "own settings and relearns what depends on them", "; ".join(changed))
+
+    def _gate(self, timesteps: Tensor, prediction_type: str,
+              alphas_cumprod: Tensor | None) -> tuple[Tensor, int, int]:
+        """Indices of the samples LPL applies to, read with the guard's streak and the float16 loss scale's floor
+        hits in the step's one sync.
 
         A sample applies when t < lpl_t_threshold and z0 is recoverable from the prediction: epsilon at a
         zero-terminal-SNR timestep (alphas_cumprod[t] == 0) has no signal left to recover, so it gets no LPL.
@@ -63,10 +65,11 @@ class LPLHook:
         gate = (timesteps < self.config.lpl_t_threshold).flatten()
         if prediction_type == "epsilon" and alphas_cumprod is not None:
             gate = gate & (alphas_cumprod.to(timesteps.device)[timesteps.long()].flatten() > 0)
-        streak = self.guard.streak
-        flags = torch.cat([gate.to(device=streak.device, dtype=torch.int64), streak.reshape(1)]).tolist()
-        index = [i for i, flag in enumerate(flags[:-1]) if flag]
-        return torch.tensor(index, dtype=torch.long, device=timesteps.device), int(flags[-1])
+        streak, floor_hits = self.guard.streak, self.loss.state.loss_scale.floor_hits
+        flags = torch.cat([gate.to(device=streak.device, dtype=torch.int64), streak.reshape(1),
+                           floor_hits.to(streak.device).reshape(1)]).tolist()
+        index = [i for i, flag in enumerate(flags[:-2]) if flag]
+        return torch.tensor(index, dtype=torch.long, device=timesteps.device), int(flags[-2]), int(flags[-1])
 
     def noise_level_weights(self, timesteps: Tensor, prediction_type: str, alphas_cumprod: Tensor | None,
                             sigmas: Tensor | None, noise_weights: Tensor | None,
@@ -96,8 +99,13 @@ class LPLHook:
         if not (self.config.use_lpl and is_training and step >= self.config.lpl_start):
             return HookResult(term, {})
         # The one host sync per step: which samples are gated (the decoder runs for those alone), and the guard.
-        index, streak = self._gate(timesteps, prediction_type, alphas_cumprod)
+        index, streak, floor_hits = self._gate(timesteps, prediction_type, alphas_cumprod)
         self.guard.check(streak)
+        if floor_hits and not self._warned_floor:
+            self._warned_floor = True
+            log.warning("LPL's float16 loss scale overflowed at its floor of %g (%d times so far): the decoder's "
+                        "float16 gradients themselves overflow, so those samples get no LPL; set lpl_dtype = "
+                        "\"bfloat16\" or \"float32\"", SCALE_FLOOR, floor_hits)
         gated = int(index.numel())
         logs: dict[str, Tensor | float] = {"lpl/applied_fraction": gated / batch}
         if gated == 0:
@@ -106,10 +114,10 @@ class LPLHook:
         pick = (lambda t: None if t is None else t[index]) if gated < batch else (lambda t: t)
         z0_hat = predict_z0(model_pred[index], noisy_latents[index], prediction_type, timesteps=timesteps[index],
                             alphas_cumprod=alphas_cumprod, sigmas=pick(sigmas))
-        skipped = self.loss.stats.oom_skips
-        per_sample, layers = self.loss(finite_gradient(z0_hat), latents[index], return_layers=True)
-        if self.loss.stats.oom_skips == skipped:  # an out-of-memory skip neither breaks nor extends a streak
-            self.guard.record(self.loss.stats.last_nonfinite)
+        result = self.loss(finite_gradient(z0_hat, self.loss.state.zeroed), latents[index], with_layers=log_stats)
+        per_sample = result.per_sample
+        if not result.skipped:  # an out-of-memory skip neither breaks nor extends a streak
+            self.guard.record(result.nonfinite)
         weights = self.noise_level_weights(timesteps[index], prediction_type, alphas_cumprod, pick(sigmas),
                                            pick(noise_weights), snr_gamma)
         value = per_sample if weights is None else per_sample * weights.to(per_sample.device)
@@ -117,10 +125,13 @@ class LPLHook:
         term = term.index_put((index,), value * (self.config.lpl_weight * share))
         logs["lpl/loss"] = per_sample.detach().mean()
         logs["lpl/weighted"] = term.detach().mean()
-        if log_stats:
-            for name, column in zip(self.loss.trunk.stage_names, layers.mean(dim=0)):
+        if log_stats and result.layers is not None:
+            for name, column in zip(self.loss.trunk.stage_names, result.layers.mean(dim=0)):
                 logs[f"lpl/layer/{name}"] = column
-            logs["lpl/nonfinite_samples"] = self.loss.stats.nonfinite_samples
+            state = self.loss.state
+            logs["lpl/nonfinite_samples"] = state.nonfinite_samples
             logs["lpl/nonfinite_steps"] = self.guard.bad_steps
-            logs["lpl/oom_skips"] = float(self.loss.stats.oom_skips)
+            logs["lpl/oom_skips"] = float(state.oom_skips)
+            if state.loss_scale.active:
+                logs["lpl/loss_scale"] = state.loss_scale.value
         return HookResult(term, logs)

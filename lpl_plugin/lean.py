@@ -1,62 +1,33 @@
-"""Memory-lean LPL gradient: taken inside the loss call chunk by chunk, stored, and replayed in the host's backward.
+"""Memory-lean LPL gradient passes: the gradient is taken inside the loss call, stored, and replayed in backward.
 
 LPL of sample b depends on z0_hat[b] alone (the decoder normalizes per sample; target statistics carry no
 gradient), so d(sum_b w_b LPL_b)/d z0_hat[b] = w_b * dLPL_b/dz0_hat[b] for any per-sample weights w the host applies
 later. Storing dLPL_b/dz0_hat[b] (as small as the latents) lets every decoder activation be freed before the host's
-backward, and lets chunks be processed one after another.
+backward, and lets chunks of samples be processed one after another. These functions know the trunk and the layer
+rules, never the engine that calls them.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .norms import channel_std, moment_sums, widen
-from .precision import LossScale
-
-if TYPE_CHECKING:
-    from .loss import LatentPerceptualLoss
-
-log = logging.getLogger("lpl_plugin")
-
-# Full-resolution maps are processed in channel slices of about this many elements, so that float32 scratch (loss
-# math, GroupNorm backward) stays a small fraction of one map: 16 MiB of float32 per slice. Outlier masks use
-# slices a quarter of that size: on the CPU, kthvalue clones its input with int64 indices (12 bytes an element).
-SLICE_ELEMENTS = 2 ** 22
-MASK_SLICE_ELEMENTS = 2 ** 20
+from .distances import LayerRule, layer_gradient, prepare_target
+from .features import DecoderTrunk
+from .norms import channel_std, moment_sums
+from .tensors import widen
 
 
-def channel_slices(shape: torch.Size | tuple[int, ...], multiple: int = 1,
-                   elements: int | None = None) -> list[slice]:
-    """Slices over dim 1 of a (B, C, H, W) map holding about `elements` (SLICE_ELEMENTS) each, whole multiples."""
-    channels = shape[1]
-    per_channel = max(1, math.prod(shape) // max(1, channels))
-    step = max(1, (elements or SLICE_ELEMENTS) // per_channel // multiple) * multiple
-    return [slice(start, min(channels, start + step)) for start in range(0, channels, step)]
+@dataclass(frozen=True)
+class Decoding:
+    """What a pass needs: the frozen decoder trunk, one rule per compared layer, and how latents are unscaled."""
 
-
-class LPLOutOfMemory(RuntimeError):
-    """Even one sample at a time does not fit in memory."""
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether an exception is an allocator failure (CUDA, or the CPU allocator's 'can't allocate memory')."""
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    if oom_types and isinstance(error, oom_types):
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def release_cached_memory(device: torch.device) -> None:
-    """Return cached blocks to the driver after an out-of-memory error."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    trunk: DecoderTrunk
+    rules: list[LayerRule]
+    unscale: Callable[[Tensor], Tensor]
 
 
 class StoredGradient(torch.autograd.Function):
@@ -77,31 +48,33 @@ class StoredGradient(torch.autograd.Function):
         return (weights * grad).to(ctx.pred_dtype), None, None
 
 
-def _chunk(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor, batch_scales: list[Tensor] | None,
-           checkpointing: str, scale: LossScale) -> tuple[Tensor, Tensor]:
-    """Distances (b, L) and d(per-sample LPL)/d pred for one chunk; every decoder activation is freed on return.
+def _scale(scales: list[Tensor] | None, index: int) -> Tensor | None:
+    """The 'batch' normalizer of one layer, if any."""
+    return None if scales is None else scales[index]
 
-    Target and prediction run through the decoder stage by stage side by side; each layer's distance gradient is
-    taken as soon as both maps exist (so each target map is dropped at once), and one backward through the lean
-    decoder graph finishes the chunk. Under float16 the layer gradients are multiplied by the loss scale before
-    they are cast to the decoder's dtype, so small gradients do not flush to zero.
+
+def lean_chunk(d: Decoding, pred: Tensor, target: Tensor, scales: list[Tensor] | None, checkpointing: str,
+               factor: Tensor | float) -> tuple[Tensor, Tensor]:
+    """Distances (b, L) and `factor` times d(sum over layers)/d pred for one chunk; every activation is freed on return.
+
+    Target and prediction run through the decoder stage by stage side by side; each layer's gradient is taken as
+    soon as both maps exist (so each target map is dropped at once), and one backward through the lean decoder
+    graph finishes the chunk.
     """
-    trunk = engine.trunk
-    factor = scale.value / engine.num_layers if scale.active else 1.0 / engine.num_layers
+    trunk = d.trunk
     x = widen(pred.detach()).requires_grad_(True)
     rows, roots, grads = [], [], []
     with trunk.no_autocast():
         with torch.no_grad():
-            t = trunk.stem(engine.unscale(target))
+            t = trunk.stem(d.unscale(target))
         with torch.enable_grad():
-            h = trunk.stem(engine.unscale(x))
-        for index in range(engine.num_layers):
+            h = trunk.stem(d.unscale(x))
+        for index, rule in enumerate(d.rules):
             with torch.no_grad():
                 t = trunk.stage(index, t)
             with torch.enable_grad():
                 h = trunk.stage(index, h, checkpointing)
-            row, grad = engine.layer_gradient(index, h, t, None if batch_scales is None else batch_scales[index],
-                                              factor)
+            row, grad = layer_gradient(rule, h, t, _scale(scales, index), factor)
             rows.append(row)
             roots.append(h)
             grads.append(grad)
@@ -109,67 +82,52 @@ def _chunk(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor, batch_s
         torch.autograd.backward(roots, grads)
     del roots, grads
     assert x.grad is not None
-    return torch.stack(rows, dim=1), (x.grad / scale.value if scale.active else x.grad)
+    return torch.stack(rows, dim=1), x.grad
 
 
-def _target_batch_scales(engine: "LatentPerceptualLoss", target: Tensor) -> list[Tensor]:
-    """Per-channel std of each target map over the whole batch, accumulated chunk by chunk."""
-    totals: list[tuple[Tensor, ...]] = []
-    for start in range(0, target.shape[0], engine.chunk_size):
-        targets = engine.prepare_targets(engine.target_features(target[start:start + engine.chunk_size]))
-        sums = [moment_sums(y, mask) for y, mask in targets]
-        totals = sums if not totals else [tuple(a + b for a, b in zip(t, s)) for t, s in zip(totals, sums)]
-    return [channel_std(t, widen(target).dtype) for t in totals]  # type: ignore[arg-type]
+def layer_gradients(d: Decoding, pred: Tensor, target: Tensor, factor: Tensor | float) -> tuple[Tensor, list[Tensor]]:
+    """Distances (B, L) and `factor` times each layer's gradient w.r.t. its predicted map, without any graph.
 
-
-def _back_off(engine: "LatentPerceptualLoss", error: str) -> None:
-    """After an out-of-memory error: halve the chunk, else recompute more (`auto` only), else give up."""
-    release_cached_memory(engine.trunk.device)
-    if engine.chunk_size > 1:
-        engine.chunk_size //= 2
-        log.warning("LPL ran out of memory; retrying with lpl_chunk_size = %d", engine.chunk_size)
-    elif engine.config.lpl_checkpointing == "auto" and engine.checkpointing == "none":
-        engine.checkpointing = "resnet"
-        log.warning("LPL ran out of memory with one sample per pass; recomputing decoder activations "
-                    "(as lpl_checkpointing = \"resnet\") from now on")
-    else:
-        raise LPLOutOfMemory(error)
-    engine.stats.oom_retries += 1
-
-
-def lean_loss(engine: "LatentPerceptualLoss", pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample LPL attached to `pred` through a stored gradient, and the detached (B, L) breakdown.
-
-    Out-of-memory errors halve `engine.chunk_size`, then (with `lpl_checkpointing = "auto"`) switch on
-    recomputation, and raise LPLOutOfMemory when one sample with recomputation still does not fit; both changes
-    persist for later calls.
+    The whole batch goes through the decoder at once, as the reference computes it (compatibility mode).
     """
-    batch = pred.shape[0]
-    scale = engine.loss_scale
-    batch_scales = None
-    if engine.config.lpl_norm_type == "batch" and not engine.compat and batch > engine.chunk_size:
-        batch_scales = _target_batch_scales(engine, target)
-    grads = widen(torch.zeros_like(pred))
-    layers = grads.new_zeros(batch, engine.num_layers)
-    start = 0
-    while start < batch:
-        stop = min(batch, start + engine.chunk_size)
-        failure = None
-        try:
-            layers[start:stop], grads[start:stop] = _chunk(engine, pred[start:stop], target[start:stop],
-                                                           batch_scales, engine.checkpointing, scale)
-        except Exception as error:  # the traceback pins the chunk's tensors: handle it after the except block
-            if not is_out_of_memory(error):
-                raise
-            failure = str(error)
-        if failure is not None:
-            _back_off(engine, failure)
-            continue
-        start = stop
-    finite = torch.isfinite(layers).all(dim=1) & torch.isfinite(grads).flatten(1).all(dim=1)
-    scale.update(~finite.all())
-    layers = torch.where(finite[:, None], layers, torch.zeros_like(layers))
-    grads = torch.where(finite.reshape(-1, *([1] * (grads.dim() - 1))), grads, torch.zeros_like(grads))
-    engine.stats.count_nonfinite(~finite)
-    per_sample = StoredGradient.apply(pred, layers.sum(dim=1) / engine.num_layers, grads)
-    return per_sample, layers
+    trunk = d.trunk
+    rows, grads = [], []
+    with trunk.no_autocast(), torch.no_grad():
+        t, h = trunk.stem(d.unscale(target)), trunk.stem(d.unscale(widen(pred.detach())))
+        for index, rule in enumerate(d.rules):
+            t, h = trunk.stage(index, t), trunk.stage(index, h)
+            row, grad = layer_gradient(rule, h, t, None, factor)
+            rows.append(row)
+            grads.append(grad)
+    return torch.stack(rows, dim=1), grads
+
+
+def backpropagate(d: Decoding, pred: Tensor, grads: list[Tensor], checkpointing: str) -> Tensor:
+    """d/d pred of sum_l <grads[l], feature_l(pred)>: the decoder run again with a graph, then backward through it."""
+    trunk = d.trunk
+    x = widen(pred.detach()).requires_grad_(True)
+    roots = []
+    with trunk.no_autocast(), torch.enable_grad():
+        h = trunk.stem(d.unscale(x))
+        for index in range(len(d.rules)):
+            h = trunk.stage(index, h, checkpointing)
+            roots.append(h)
+        del h
+        torch.autograd.backward(roots, grads)
+    assert x.grad is not None
+    return x.grad
+
+
+def target_batch_scales(d: Decoding, target: Tensor, chunk: int) -> list[Tensor]:
+    """Per-channel std of each prepared target map over the whole batch, the decoder run chunk by chunk."""
+    totals: list[tuple[Tensor, ...] | None] = [None] * len(d.rules)
+    dtype = widen(target).dtype
+    with d.trunk.no_autocast(), torch.no_grad():
+        for start in range(0, target.shape[0], chunk):
+            features = d.trunk(d.unscale(target[start:start + chunk]))
+            for index, (rule, feature) in enumerate(zip(d.rules, features)):
+                sums = moment_sums(*prepare_target(rule, feature))
+                before = totals[index]
+                totals[index] = sums if before is None else tuple(a + b for a, b in zip(before, sums))
+            del features
+    return [channel_std(total, dtype) for total in totals]  # type: ignore[arg-type]

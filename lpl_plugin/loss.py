@@ -1,52 +1,114 @@
-"""Latent Perceptual Loss (Berrada et al., ICLR 2025): distance between VAE-decoder features of z0_hat and z0."""
+"""The LPL engine (Berrada et al., ICLR 2025): per-sample distance between VAE-decoder features of z0_hat and z0.
+
+The package's layers, each looking only down:
+- `config`: the validated settings;
+- layer math (`distances`, `norms`, `outliers`): pure functions of tensors and their hand-derived gradients;
+- decoder trunk (`features`, `frozen`, `attention`): a private frozen copy of the decoder stages, no losses;
+- lean passes (`lean`): the gradient taken inside the call, stored and replayed in the host's backward;
+- this engine: one object that owns the gradient strategy (chunking, out-of-memory back-off, recomputation,
+  float16 loss scale, the non-finite filter) with everything it learns at run time in one `EngineState`;
+- above it the `lpl` hook (gating, z0_hat, weights), the hook registry, and the host adapters.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .config import LPLConfig
+from .distances import layer_distance, layer_rules, prepare_target
 from .features import DecoderTrunk
 from .guard import finite_gradient
-from .norms import OWN_NORM_EPS, SHARED_NORM_EPS, channel_norm, channel_std, moment_sums, widen
-from .lean import (MASK_SLICE_ELEMENTS, LPLOutOfMemory, StoredGradient, channel_slices, is_out_of_memory,
-                   lean_loss, release_cached_memory)
-from .outliers import outlier_mask
+from .lean import Decoding, StoredGradient, backpropagate, lean_chunk, layer_gradients, target_batch_scales
+from .memory import is_out_of_memory, release_cached_memory
 from .precision import LossScale, resolve_dtype
+from .tensors import widen
 
 log = logging.getLogger("lpl_plugin")
-
-@dataclass
-class LossStats:
-    """Counters of an engine's life for logging; the non-finite count stays on the device (no sync)."""
-
-    calls: int = 0
-    oom_retries: int = 0
-    oom_skips: int = 0
-    nonfinite_samples: Tensor | int = 0
-    last_nonfinite: Tensor | int = 0
-
-    def count_nonfinite(self, bad: Tensor) -> None:
-        """Add the samples whose LPL value or gradient was not finite in this call."""
-        self.last_nonfinite = bad.sum()
-        self.nonfinite_samples = self.nonfinite_samples + self.last_nonfinite
+STATE_VERSION = 2
 
 
-def outlier_factors(config: LPLConfig, downsample_factors: list[int]) -> list[int | None]:
-    """Downsampling factor used for each masked layer (None: not masked).
+class LPLOutOfMemory(RuntimeError):
+    """Even one sample at a time, with every recomputation allowed, does not fit in memory."""
 
-    Compat: the reference's fixed indices (2 -> 2; 3 and 4 -> 1). Default: every map at most 2x below the
-    decoder output, its factor read from the decoder's layout (the same three maps for SDXL).
+
+@dataclass(frozen=True)
+class LPLResult:
+    """One engine call: per-sample LPL (differentiable in the prediction) and what happened on the way.
+
+    `layers` is the detached (B, 1 + lpl_num_blocks) breakdown when asked for. `nonfinite` (a device tensor, read
+    it on logging steps only) counts the samples zeroed because their value or gradient was inf/NaN in this call,
+    plus gradients zeroed during backward passes since the previous call. `skipped` means the call ran out of
+    memory even for one sample: LPL is zero this time.
     """
-    if not config.lpl_remove_outliers:
-        return [None] * len(downsample_factors)
-    if config.lpl_compat == "diffusers":
-        fixed = {2: 2, 3: 1, 4: 1}
-        return [fixed.get(i) for i in range(len(downsample_factors))]
-    return [f if f <= 2 else None for f in downsample_factors]
+
+    per_sample: Tensor
+    layers: Tensor | None
+    nonfinite: Tensor
+    skipped: bool
+
+
+class EngineState:
+    """What the engine learned while running, kept apart from the user's settings; saved and restored whole.
+
+    `chunk_size` and `checkpointing` are what the engine uses now (the settings' values until memory ran short),
+    the loss scale is float16's, and the counters run over the engine's life. `zeroed` counts, on the device,
+    the gradients the non-finite filter zeroed during backward passes; each call reports those not reported yet.
+    """
+
+    def __init__(self, config: LPLConfig, dtype: torch.dtype, device: torch.device):
+        self.settings = {"lpl_chunk_size": config.lpl_chunk_size, "lpl_checkpointing": config.lpl_checkpointing,
+                         "lpl_dtype": str(dtype).replace("torch.", "")}
+        self.chunk_size = config.lpl_chunk_size
+        self.checkpointing = "none" if config.lpl_checkpointing == "auto" else config.lpl_checkpointing
+        self.loss_scale = LossScale(dtype, device)
+        self.calls = self.oom_retries = self.oom_skips = 0
+        self.nonfinite_samples = torch.zeros((), dtype=torch.int64, device=device)
+        self.zeroed = torch.zeros((), dtype=torch.int64, device=device)
+        self.zeroed_reported = torch.zeros((), dtype=torch.int64, device=device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON-safe values (reads the device: call at save time only)."""
+        return {"version": STATE_VERSION, "settings": dict(self.settings),
+                "learned": {"chunk_size": self.chunk_size, "checkpointing": self.checkpointing,
+                            "loss_scale": self.loss_scale.state_dict()},
+                "counters": {"calls": self.calls, "oom_retries": self.oom_retries, "oom_skips": self.oom_skips,
+                             "nonfinite_samples": int(self.nonfinite_samples + self.zeroed
+                                                      - self.zeroed_reported)}}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> list[str]:
+        """Restore a saved state; what was learned under other settings is dropped. Returns what differed.
+
+        The counters always carry over. The chunk size and the switch to recomputation carry over only when the
+        setting they were learned under is unchanged; the loss scale only when the decoder precision is.
+        """
+        counters = saved.get("counters", {})
+        self.calls = int(counters.get("calls", self.calls))
+        self.oom_retries = int(counters.get("oom_retries", self.oom_retries))
+        self.oom_skips = int(counters.get("oom_skips", self.oom_skips))
+        device = self.nonfinite_samples.device
+        self.nonfinite_samples = torch.tensor(int(counters.get("nonfinite_samples", 0)), device=device)
+        before, learned = saved.get("settings", {}), saved.get("learned", {})
+        changed = [f"{key} = {before[key]!r} then, {value!r} now" for key, value in self.settings.items()
+                   if key in before and before[key] != value]
+        if before.get("lpl_chunk_size") == self.settings["lpl_chunk_size"] and "chunk_size" in learned:
+            self.chunk_size = max(1, min(int(learned["chunk_size"]), self.chunk_size))
+        if (before.get("lpl_checkpointing") == self.settings["lpl_checkpointing"] == "auto"
+                and learned.get("checkpointing") == "resnet"):
+            self.checkpointing = "resnet"
+        if before.get("lpl_dtype") == self.settings["lpl_dtype"] and "loss_scale" in learned:
+            self.loss_scale.load_state_dict(learned["loss_scale"])
+        return changed
+
+    def take_zeroed(self) -> Tensor:
+        """The gradients zeroed in backward passes and not reported yet (a device tensor; no sync)."""
+        fresh = self.zeroed - self.zeroed_reported
+        self.zeroed_reported = self.zeroed.clone()
+        return fresh
 
 
 class LatentPerceptualLoss(nn.Module):
@@ -74,37 +136,23 @@ class LatentPerceptualLoss(nn.Module):
         dtype = dtype or resolve_dtype(self.config.lpl_dtype, torch.device(device))
         self.trunk = DecoderTrunk(vae, self.config.lpl_num_blocks, use_post_quant_conv=not self.compat,
                                   exact_upsampling=self.compat, dtype=dtype, device=device)
-        self.layer_weights = self._layer_weights()
-        self.outlier_factors = self._outlier_factors()
-        self.chunk_size = self.config.lpl_chunk_size
-        # Recomputation in use: "auto" starts without and switches to "resnet" on running out of memory.
-        self.checkpointing = "none" if self.config.lpl_checkpointing == "auto" else self.config.lpl_checkpointing
-        self.loss_scale = LossScale(dtype, self.trunk.device)
-        self.stats = LossStats()
-        self.last_layer_stats: dict[str, Tensor] = {}
-
-    # -- static layout ---------------------------------------------------------------------------------------
-
-    def _layer_weights(self) -> list[float]:
-        """Per-layer factor: the reference's 2^-min(i, 3) in compat mode, else 1 / upsampling over the mid block."""
-        count = self.trunk.num_layers
-        if not self.config.lpl_pow_law:
-            return [1.0] * count
-        if self.compat:
-            return [2.0 ** -min(i, 3) for i in range(count)]
-        top = self.trunk.downsample_factors[0]
-        return [f / top for f in self.trunk.downsample_factors]
-
-    def _outlier_factors(self) -> list[int | None]:
-        """Downsampling factor used for each masked layer (None: not masked); see `outlier_factors`."""
-        return outlier_factors(self.config, self.trunk.downsample_factors)
+        self.rules = layer_rules(self.config, self.trunk.downsample_factors)
+        self.state = EngineState(self.config, dtype, self.trunk.device)
 
     @property
     def num_layers(self) -> int:
         """Number of compared feature maps (1 + lpl_num_blocks)."""
         return self.trunk.num_layers
 
-    # -- math ------------------------------------------------------------------------------------------------
+    @property
+    def layer_weights(self) -> list[float]:
+        """Pow-law factor of each compared layer."""
+        return [rule.weight for rule in self.rules]
+
+    @property
+    def outlier_factors(self) -> list[int | None]:
+        """Downsampling factor of each layer whose target outliers are masked (None: not masked)."""
+        return [rule.outlier_factor for rule in self.rules]
 
     def unscale(self, latents: Tensor) -> Tensor:
         """Trainer-scaled latents back to the VAE's latent space: z / scaling_factor + shift_factor."""
@@ -115,162 +163,144 @@ class LatentPerceptualLoss(nn.Module):
         with torch.no_grad():
             return self.trunk(self.unscale(target_latents))
 
-    def prepare_target(self, index: int, y: Tensor) -> tuple[Tensor, Tensor | None]:
-        """One target map in (at least) float32 with outliers zeroed, paired with its mask."""
-        y = widen(y)
-        factor = self.outlier_factors[index]
-        if factor is None:
-            return y, None
-        mask = outlier_mask(y, factor, exact_reference=self.compat)
-        return y * mask, mask
-
     def prepare_targets(self, features: list[Tensor]) -> list[tuple[Tensor, Tensor | None]]:
         """Target features in (at least) float32 with outliers zeroed, paired with their masks."""
-        return [self.prepare_target(i, y) for i, y in enumerate(features)]
+        return [prepare_target(rule, y) for rule, y in zip(self.rules, features)]
 
-    def batch_scales(self, targets: list[tuple[Tensor, Tensor | None]]) -> list[Tensor]:
-        """Per-channel std of each target map over batch and space (masked pixels excluded)."""
-        return [channel_std(moment_sums(y, mask), y.dtype) for y, mask in targets]
+    def _decoding(self) -> Decoding:
+        """What the lean passes need from this engine."""
+        return Decoding(self.trunk, self.rules, self.unscale)
 
-    def layer_distance(self, index: int, x: Tensor, y: Tensor, mask: Tensor | None,
-                       batch_scale: Tensor | None = None) -> Tensor:
-        """Weighted distance per sample (B,) between predicted map x and prepared target map y of one layer."""
-        norm = self.config.lpl_norm_type
-        x = widen(x)
-        if mask is not None and not self.compat:
-            x = x * mask  # the reference masks only the target, so outliers still shift the prediction's norm
-        if norm == "default":
-            x = x / (channel_norm(x) + OWN_NORM_EPS)
-            y = y / (channel_norm(y) + OWN_NORM_EPS)
-        elif norm == "shared":
-            scale = channel_norm(y) + SHARED_NORM_EPS
-            x, y = x / scale, y / scale
-        elif not self.compat:  # batch: the reference leaves features raw here
-            scales = batch_scale if batch_scale is not None else channel_std(moment_sums(y, mask), y.dtype)
-            x, y = x / scales, y / scales
-        diff = x - y
-        term = diff.square() if self.config.lpl_loss_type == "mse" else diff.abs()
-        if mask is None:
-            per_channel = term.mean(dim=(2, 3))
-        else:
-            kept = mask.sum(dim=(2, 3))
-            per_channel = (term * mask).sum(dim=(2, 3)) / (kept if self.compat else kept.clamp_min(1))
-        return per_channel.mean(dim=1) * self.layer_weights[index]
+    # -- a call --------------------------------------------------------------------------------------------------
 
-    def layer_gradient(self, index: int, x: Tensor, target: Tensor, batch_scale: Tensor | None = None,
-                       factor: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
-        """One layer's distance per sample (B,) and `factor` times its gradient w.r.t. map x, in x's dtype.
-
-        Same value as `layer_distance` from the raw target map, computed in channel slices so that float32 scratch
-        stays small at full resolution. For 'shared' and 'batch' normalization (and the reference's raw 'batch')
-        the gradient is written out: with u = m (x - y) / s, per channel d = w / (C K) * sum(u^2) and
-        grad = 2 w / (C K) * u / s (MSE), or sum|u| and w / (C K) * sign(u) / s (L1), where m is the outlier mask,
-        K the kept pixels and s the normalizer. 'default' normalization (each map by its own norm, which couples
-        the channels) is differentiated through `layer_distance` on whole maps.
-        """
-        norm = self.config.lpl_norm_type
-        if norm == "default":
-            y, mask = self.prepare_target(index, target)
-            leaf = widen(x.detach()).requires_grad_(True)
-            with torch.enable_grad():
-                row = self.layer_distance(index, leaf, y, mask, batch_scale)
-                (grad,) = torch.autograd.grad(row.sum(), leaf)
-            return row.detach(), (grad * factor).to(x.dtype)
-        masked = self.outlier_factors[index] is not None
-        masks = torch.empty(target.shape, dtype=torch.bool, device=target.device) if masked else None
-        squares: Tensor | float = 0.0
-        stds = []
-        # Masks, then the shared normalizer or the per-channel std, slice by slice.
-        for part in channel_slices(target.shape, elements=MASK_SLICE_ELEMENTS if masked else None):
-            y, mask = self.prepare_target(index, target[:, part])
-            if masks is not None:
-                masks[:, part] = mask
-            if norm == "shared":
-                squares = squares + y.square().sum(dim=1, keepdim=True)
-            elif not self.compat and batch_scale is None:
-                stds.append(channel_std(moment_sums(y, mask), y.dtype))
-        if norm == "shared":
-            scale: Tensor | None = torch.as_tensor(squares).sqrt() + SHARED_NORM_EPS
-        elif self.compat:  # batch: the reference leaves features raw
-            scale = None
-        else:
-            scale = batch_scale if batch_scale is not None else torch.cat(stds, dim=1)
-        mse = self.config.lpl_loss_type == "mse"
-        weight = self.layer_weights[index] / x.shape[1]
-        row = 0.0
-        grad = torch.empty_like(x)
-        for part in channel_slices(target.shape):
-            y = widen(target[:, part])
-            mask = None if masks is None else masks[:, part]
-            u = x[:, part].detach().to(y.dtype, copy=True).sub_(y if mask is None else y * mask)
-            del y
-            if mask is None:
-                kept = torch.full(u.shape[:2], u.shape[2] * u.shape[3], dtype=u.dtype, device=u.device)
-            else:
-                u.mul_(mask)
-                kept = mask.sum(dim=(2, 3)).to(u.dtype)
-                kept = kept if self.compat else kept.clamp_min(1)
-            part_scale = None if scale is None else (scale if scale.shape[1] == 1 else scale[:, part])
-            if part_scale is not None:
-                u.div_(part_scale)
-            coef = weight / kept
-            sums = torch.linalg.vector_norm(u, ord=2 if mse else 1, dim=(2, 3))
-            row = row + (coef * (sums.square() if mse else sums)).sum(dim=1)
-            u = u.mul_(2.0 * coef[..., None, None]) if mse else u.sign_().mul_(coef[..., None, None])
-            if part_scale is not None:
-                u.div_(part_scale)
-            grad[:, part] = u.mul_(factor)
-        return torch.as_tensor(row), grad
-
-    def layer_distances(self, pred_features: list[Tensor], targets: list[tuple[Tensor, Tensor | None]],
-                        batch_scales: list[Tensor] | None = None) -> Tensor:
-        """Weighted distance per sample and layer, shape (B, num_layers)."""
-        rows = [self.layer_distance(i, x, y, mask, None if batch_scales is None else batch_scales[i])
-                for i, (x, (y, mask)) in enumerate(zip(pred_features, targets))]
-        return torch.stack(rows, dim=1)
-
-    def distances(self, pred_latents: Tensor, target_latents: Tensor,
-                  batch_scales: list[Tensor] | None = None, checkpointing: str = "none") -> Tensor:
-        """Plain autograd: (B, num_layers) distances differentiable w.r.t. pred_latents."""
-        targets = self.prepare_targets(self.target_features(target_latents))
-        if self.config.lpl_norm_type == "batch" and batch_scales is None:
-            batch_scales = self.batch_scales(targets)
-        features = self.trunk(self.unscale(pred_latents), checkpointing)
-        return self.layer_distances(features, targets, batch_scales)
-
-    def forward(self, pred_latents: Tensor, target_latents: Tensor, *,
-                return_layers: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Per-sample LPL (B,), mean over layers; with `return_layers` also the (B, 1 + num_blocks) breakdown."""
-        self.stats.calls += 1
+    def forward(self, pred_latents: Tensor, target_latents: Tensor, *, with_layers: bool = False) -> LPLResult:
+        """Per-sample LPL (B,), mean over layers, with the (B, 1 + num_blocks) breakdown when `with_layers`."""
         if pred_latents.shape != target_latents.shape or pred_latents.dim() != 4:
             raise ValueError(f"LPL needs pred and target latents of equal shape B x C x H x W, got "
                              f"{tuple(pred_latents.shape)} and {tuple(target_latents.shape)}")
+        state = self.state
+        state.calls += 1
         target_latents = target_latents.detach()
         skipped = False
         try:
-            per_sample, layers = self._compute(pred_latents, target_latents)
+            per_sample, layers, bad = self._evaluate(pred_latents, target_latents)
         except Exception as error:  # the traceback pins the call's tensors: release them after the except block
             if not (isinstance(error, LPLOutOfMemory) or is_out_of_memory(error)):
                 raise
             skipped = True
         if skipped:
-            release_cached_memory(self.trunk.device)
-            self.stats.oom_skips += 1
+            release_cached_memory()
+            state.oom_skips += 1
             log.warning("LPL skipped for this step: out of memory even for one sample (%d steps skipped so far); "
                         "lower lpl_num_blocks, or set lpl_checkpointing = \"resnet\" or lpl_dtype = \"bfloat16\"",
-                        self.stats.oom_skips)
+                        state.oom_skips)
             layers = widen(pred_latents.new_zeros(pred_latents.shape[0], self.num_layers))
             per_sample = StoredGradient.apply(pred_latents, layers.sum(dim=1), torch.zeros_like(pred_latents))
-        return (per_sample, layers) if return_layers else per_sample
+            bad = torch.zeros((), dtype=torch.int64, device=state.zeroed.device)
+        bad = bad.to(state.zeroed.device) + state.take_zeroed()
+        state.nonfinite_samples = state.nonfinite_samples + bad
+        return LPLResult(per_sample, layers if with_layers else None, bad, skipped)
 
-    def _compute(self, pred_latents: Tensor, target_latents: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample LPL and its detached (B, L) breakdown, through the lean or the plain autograd path."""
-        if self.config.lpl_grad_mode == "lean" and pred_latents.requires_grad and torch.is_grad_enabled():
-            return lean_loss(self, pred_latents, target_latents)
-        # A sample whose gradient is inf/NaN (a 0 * inf in backward) gets none, as in lean mode.
-        layers = self.distances(finite_gradient(pred_latents), target_latents, checkpointing=self.checkpointing)
+    def _evaluate(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample LPL, its detached (B, L) breakdown and the count of non-finite samples."""
+        if self.config.lpl_grad_mode == "lean" and pred.requires_grad and torch.is_grad_enabled():
+            return self._lean(pred, target)
+        # Plain autograd: a sample whose gradient is inf/NaN (a 0 * inf in backward) gets none, and is counted.
+        x = finite_gradient(pred, self.state.zeroed)
+        with self.trunk.no_autocast():
+            targets = self.prepare_targets(self.target_features(target))
+            features = self.trunk(self.unscale(x), self.state.checkpointing)
+            layers = torch.stack([layer_distance(rule, h, y, mask) for rule, h, (y, mask)
+                                  in zip(self.rules, features, targets)], dim=1)
         finite = torch.isfinite(layers).all(dim=1)
-        self.stats.count_nonfinite(~finite)
         layers = torch.where(finite[:, None], layers, torch.zeros_like(layers))
-        return layers.sum(dim=1) / self.num_layers, layers.detach()
+        return layers.sum(dim=1) / self.num_layers, layers.detach(), (~finite).sum()
 
+    def _lean(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The lean path: per-sample LPL attached to `pred` through a stored gradient."""
+        scale = self.state.loss_scale
+        factor = (scale.value if scale.active else 1.0) / self.num_layers
+        if self.compat and self.state.chunk_size < pred.shape[0]:
+            layers, grads = self._compat_chunks(pred, target, factor)
+        else:
+            layers, grads = self._chunks(pred, target, factor)
+        if scale.active:
+            grads = grads / scale.value
+        finite = torch.isfinite(layers).all(dim=1) & torch.isfinite(grads).flatten(1).all(dim=1)
+        scale.update(~finite.all())
+        layers = torch.where(finite[:, None], layers, torch.zeros_like(layers))
+        grads = torch.where(finite.reshape(-1, *([1] * (grads.dim() - 1))), grads, torch.zeros_like(grads))
+        per_sample = StoredGradient.apply(pred, layers.sum(dim=1) / self.num_layers, grads)
+        return per_sample, layers, (~finite).sum()
+
+    def _chunks(self, pred: Tensor, target: Tensor, factor: Tensor | float) -> tuple[Tensor, Tensor]:
+        """Distances and gradients chunk by chunk, halving the chunk (or recomputing more) on out-of-memory."""
+        decoding = self._decoding()
+        batch = pred.shape[0]
+        scales = None
+        if self.config.lpl_norm_type == "batch" and batch > self.state.chunk_size:
+            scales = self._retrying(lambda: target_batch_scales(decoding, target, self.state.chunk_size))
+        grads = widen(torch.zeros_like(pred))
+        layers = grads.new_zeros(batch, self.num_layers)
+        start = 0
+        while start < batch:
+            stop = min(batch, start + self.state.chunk_size)
+            done = self._attempt(lambda: lean_chunk(decoding, pred[start:stop], target[start:stop], scales,
+                                                    self.state.checkpointing, factor))
+            if done is None:
+                continue
+            layers[start:stop], grads[start:stop] = done
+            start = stop
+        return layers, grads
+
+    def _compat_chunks(self, pred: Tensor, target: Tensor, factor: Tensor | float) -> tuple[Tensor, Tensor]:
+        """Compatibility mode in chunks: the loss side on the whole batch, as the reference computes it, then the
+        decoder's backward chunk by chunk (convolutions round differently with the batch size, and L1's gradient is
+        the sign of a difference that rounding can flip)."""
+        decoding = self._decoding()
+        layers, layer_grads = layer_gradients(decoding, pred, target, factor)
+        grads = widen(torch.zeros_like(pred))
+        start = 0
+        while start < pred.shape[0]:
+            stop = min(pred.shape[0], start + self.state.chunk_size)
+            part = [g[start:stop] for g in layer_grads]
+            done = self._attempt(lambda: backpropagate(decoding, pred[start:stop], part, self.state.checkpointing))
+            if done is None:
+                continue
+            grads[start:stop] = done
+            start = stop
+        return layers, grads
+
+    def _attempt(self, work: Any) -> Any:
+        """`work()`, or None after backing off from an out-of-memory error (call again with the new settings)."""
+        failure = None
+        try:
+            return work()
+        except Exception as error:  # the traceback pins the chunk's tensors: handle it after the except block
+            if not is_out_of_memory(error):
+                raise
+            failure = str(error)
+        self._back_off(failure)
+        return None
+
+    def _retrying(self, work: Any) -> Any:
+        """`work()`, backing off and retrying until it fits (or LPLOutOfMemory ends the call)."""
+        while True:
+            done = self._attempt(work)
+            if done is not None:
+                return done
+
+    def _back_off(self, error: str) -> None:
+        """After an out-of-memory error: halve the chunk, else recompute more (`auto` only), else give up."""
+        state = self.state
+        release_cached_memory()
+        if state.chunk_size > 1:
+            state.chunk_size //= 2
+            log.warning("LPL ran out of memory; retrying with lpl_chunk_size = %d", state.chunk_size)
+        elif self.config.lpl_checkpointing == "auto" and state.checkpointing == "none":
+            state.checkpointing = "resnet"
+            log.warning("LPL ran out of memory with one sample per pass; recomputing decoder activations "
+                        "(as lpl_checkpointing = \"resnet\") from now on")
+        else:
+            raise LPLOutOfMemory(error)
+        state.oom_retries += 1

@@ -5,27 +5,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .tensors import kept_counts
+
 # Epsilons of the reference's two normalizations, kept in every mode.
 OWN_NORM_EPS = 1e-10
 SHARED_NORM_EPS = 1e-6
 
 
-def widen(x: Tensor) -> Tensor:
-    """At least float32: half-precision features are compared in float32, float64 stays float64."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def channel_norm(x: Tensor) -> Tensor:
-    """L2 norm over channels at every pixel."""
-    return x.pow(2).sum(dim=1, keepdim=True).sqrt()
+    """L2 norm over channels at every pixel, computed as the reference does (sqrt of the sum of squares)."""
+    return torch.sqrt(torch.sum(x ** 2, dim=1, keepdim=True))
 
 
 def moment_sums(y: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-channel pixel count, sum and sum of squares over batch and space (float64), masked pixels excluded."""
-    weight = (mask if mask is not None else torch.ones_like(y, dtype=torch.bool)).double()
     y = y.double()
     dims = (0, 2, 3)
-    return weight.sum(dim=dims), (weight * y).sum(dim=dims), (weight * y * y).sum(dim=dims)
+    if mask is None:
+        count = torch.full((y.shape[1],), y.numel() / max(1, y.shape[1]), dtype=torch.float64, device=y.device)
+        return count, y.sum(dim=dims), (y * y).sum(dim=dims)
+    y = torch.where(mask, y, 0.0)
+    return kept_counts(mask).double().sum(dim=0), y.sum(dim=dims), (y * y).sum(dim=dims)
 
 
 def channel_std(sums: tuple[Tensor, Tensor, Tensor], dtype: torch.dtype = torch.float32) -> Tensor:

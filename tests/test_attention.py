@@ -58,4 +58,4 @@ def test_sdpa_can_be_requested(vae, fresh_attention_log):
     assert attention.choose_attention(engine.trunk, engine.trunk.device, torch.float32, prefer="sdpa") == "sdpa"
     assert processors(engine) == {"AttnProcessor2_0"}
     pred = torch.randn(1, 4, 8, 8, requires_grad=True)
-    assert torch.isfinite(engine(pred, torch.randn(1, 4, 8, 8))).all()
+    assert torch.isfinite(engine(pred, torch.randn(1, 4, 8, 8)).per_sample).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -56,3 +57,31 @@ def test_bench_rejects_unknown_variants_missing_reference_and_bad_vae(capsys, tm
     assert len(err) == 3 and "valid:" in err[0] and "no such file" in err[1]
     assert err[2].endswith("is neither tiny, sdxl, a diffusers VAE folder nor its config.json (single-file SDXL VAEs "
                            "share the sdxl layout: pass --vae sdxl)")
+
+
+def test_gpu_suite_runs_reduced_on_a_cpu_and_writes_both_reports(capsys, tmp_path):
+    from lpl_plugin.presets import preset_names
+
+    out = tmp_path / "report"
+    assert main(["bench", "--suite", "gpu", "--device", "cpu", "--vae", "tiny", "--resolution", "64",
+                 "--demo-steps", "2", "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert printed == (out / "report.md").read_text() + "\n" and printed.startswith("# lpl-plugin bench --suite gpu")
+    rows = report["side_by_side"]
+    assert [r["variant"] for r in rows] == ["lean", "speed", "lean-resnet"]
+    assert all(r["attention"] == "sdpa" and r["time"] > 0 and r["peak"] > 0 for r in rows)
+    assert rows[0]["time_ratio"] == 1.0 and len({round(r["loss"], 6) for r in rows}) == 1  # one loss, three engines
+    presets = {r["preset"]: r for r in report["presets"]}
+    assert set(presets) == set(preset_names())
+    assert all(r["peak"] > 0 and r["estimate"] > 0 and r["lpl_dtype"] == "float32" for r in presets.values())
+    assert report["demo"]["steps"] == 2 and set(report["demo"]["runs"]) == {"lpl", "baseline"}
+    for title in ("side by side", "Presets: measured peak against `lpl-plugin estimate`", "## Demo"):
+        assert title in printed
+
+
+def test_gpu_suite_refuses_an_unwritable_folder_before_measuring(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", "--suite", "gpu", "--device", "cpu", "--vae", "tiny", "--out", str(blocker / "x")]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"--out {blocker / 'x'}: cannot write there")

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from lpl_plugin import LatentPerceptualLoss, LPLConfig
-from lpl_plugin.bench import current_rss, make_latents, peak_rss, reset_peak_rss
+from lpl_plugin.bench import make_latents
+from lpl_plugin.memory import current_rss, peak_rss, reset_peak_rss
 from lpl_plugin.tiny import tiny_vae
 
 vae = tiny_vae()
@@ -31,11 +32,11 @@ for case in json.loads(sys.argv[1]):
     engine = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_num_blocks=blocks, lpl_dtype=dtype,
                                                  lpl_chunk_size=chunk, lpl_checkpointing=checkpointing))
     pred, target = make_latents(batch, latent)
-    engine(pred[:chunk].clone().requires_grad_(True), target[:chunk]).sum().backward()
+    engine(pred[:chunk].clone().requires_grad_(True), target[:chunk]).per_sample.sum().backward()
     leaf = pred.clone().requires_grad_(True)
     reset_peak_rss()
     base = current_rss()
-    engine(leaf, target).sum().backward()
+    engine(leaf, target).per_sample.sum().backward()
     print(json.dumps({"case": case, "peak": peak_rss() - base}), flush=True)
 """
 

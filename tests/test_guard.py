@@ -101,7 +101,7 @@ def test_bad_step_equals_a_step_without_lpl(vae, after_first_step, skipped, inje
     host, extra = train_step(unet, optimizer, hook, 1, poison_latents=inject == "latents")
     assert torch.equal(extra, torch.zeros(BATCH)), "a non-finite sample must contribute exactly zero"
     assert torch.equal(host, reference_host), "the host's own loss is untouched"
-    assert int(hook.loss.stats.nonfinite_samples) == BATCH and int(hook.guard.bad_steps) == 1
+    assert int(hook.loss.state.nonfinite_samples) == BATCH and int(hook.guard.bad_steps) == 1
     for (name, mine), theirs in zip(unet.named_parameters(), reference.parameters()):
         assert torch.isfinite(mine).all(), name
         assert torch.equal(mine, theirs), name

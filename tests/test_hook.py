@@ -47,7 +47,7 @@ def test_gate_zeroes_samples_above_threshold(vae, scheduler):
     assert applied.logs["lpl/applied_fraction"] == 0.5
     z0_hat = predict_z0(ctx.model_pred[[0, 2]], ctx.noisy_latents[[0, 2]], "epsilon", timesteps=ctx.timesteps[[0, 2]],
                         alphas_cumprod=scheduler.alphas_cumprod)
-    torch.testing.assert_close(applied.loss[[0, 2]], hook.loss(z0_hat, ctx.latents[[0, 2]]))
+    torch.testing.assert_close(applied.loss[[0, 2]], hook.loss(z0_hat, ctx.latents[[0, 2]]).per_sample)
 
 
 def test_epsilon_at_zero_terminal_snr_gets_no_lpl_and_stays_finite(vae):
@@ -66,7 +66,7 @@ def test_epsilon_at_zero_terminal_snr_gets_no_lpl_and_stays_finite(vae):
 def test_no_gated_sample_skips_the_decoder(vae, scheduler):
     registry, hook = hook_registry(vae)
     applied = registry.apply(step_context(scheduler, [400, 900]))
-    assert torch.equal(applied.loss, torch.zeros(2)) and hook.loss.stats.calls == 0
+    assert torch.equal(applied.loss, torch.zeros(2)) and hook.loss.state.calls == 0
     assert applied.logs == {"lpl/applied_fraction": 0.0, "lpl/loss": 0.0}
 
 
@@ -89,7 +89,7 @@ def test_weight_and_whole_batch_reduction(vae, scheduler):
     compat_value = compat.apply(ctx).loss
     reference_style = compat.get("lpl").loss(  # the reference: mean over the gated samples only
         predict_z0(ctx.model_pred[:2], ctx.noisy_latents[:2], "epsilon", timesteps=ctx.timesteps[:2],
-                   alphas_cumprod=scheduler.alphas_cumprod), ctx.latents[:2]).mean()
+                   alphas_cumprod=scheduler.alphas_cumprod), ctx.latents[:2]).per_sample.mean()
     torch.testing.assert_close(compat_value.mean(), reference_style)
 
 
@@ -115,6 +115,28 @@ def test_every_prediction_type(vae, scheduler, prediction_type):
     assert torch.isfinite(applied.loss).all() and (applied.loss > 0).all()
     applied.loss.sum().backward()
     assert ctx.model_pred.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "flow_matching"])
+def test_z0_hat_of_every_prediction_type_is_the_closed_form(vae, scheduler, prediction_type):
+    g = torch.Generator().manual_seed(5)
+    z0, eps, output = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([10, 150])
+    if prediction_type == "flow_matching":
+        s = torch.tensor([0.05, 0.2], dtype=torch.float64).reshape(2, 1, 1, 1)
+        x_t = (1 - s) * z0 + s * eps
+        want = x_t - s * output  # x_t = (1 - s) z0 + s eps, v = eps - z0
+    else:
+        a = scheduler.alphas_cumprod.double()[t].reshape(2, 1, 1, 1)
+        x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        want = {"epsilon": (x_t - (1 - a).sqrt() * output) / a.sqrt(),
+                "v_prediction": a.sqrt() * x_t - (1 - a).sqrt() * output, "sample": output}[prediction_type]
+    registry, hook = hook_registry(vae, lpl_scale=False)
+    ctx = LossContext(latents=z0.float(), noisy_latents=x_t.float(), timesteps=t, model_pred=output.float(),
+                      target=eps.float(), prediction_type=prediction_type, alphas_cumprod=scheduler.alphas_cumprod,
+                      sigmas=torch.tensor([0.05, 0.2]) if prediction_type == "flow_matching" else None)
+    expected = hook.loss(want.float(), z0.float()).per_sample
+    torch.testing.assert_close(registry.apply(ctx).loss, expected, rtol=2e-4, atol=1e-8)
 
 
 def test_logging_only_on_log_steps(vae, scheduler):
@@ -163,16 +185,50 @@ def test_lpl_gradient_reaches_the_unet(vae, scheduler):
 def test_state_round_trips_through_json(vae):
     import json
 
-    hook = LPLHook(vae, LPLConfig(use_lpl=True, lpl_dtype="float16"))
+    hook = LPLHook(vae, LPLConfig(use_lpl=True, lpl_dtype="float16", lpl_chunk_size=4))
     hook.guard.record(torch.tensor(3))
     hook.guard.record(torch.tensor(1))
-    hook.loss.chunk_size = 1
-    hook.loss.stats.oom_skips = 2
-    hook.loss.loss_scale.value = hook.loss.loss_scale.value / 8
+    state = hook.loss.state
+    state.chunk_size, state.checkpointing, state.oom_skips = 1, "resnet", 2  # learned after running out of memory
+    state.loss_scale.update(torch.tensor(True))
     saved = json.loads(json.dumps(hook.state_dict()))
-    fresh = LPLHook(vae, LPLConfig(use_lpl=True, lpl_dtype="float16"))
+    fresh = LPLHook(vae, LPLConfig(use_lpl=True, lpl_dtype="float16", lpl_chunk_size=4))
     fresh.load_state_dict(saved)
-    assert fresh.state_dict() == saved == {"streak": 2, "bad_steps": 2, "nonfinite_samples": 0, "oom_skips": 2,
-                                           "chunk_size": 1, "loss_scale": 2.0 ** 13}
-    fresh.load_state_dict({})  # a state written without these counters still loads
     assert fresh.state_dict() == saved
+    learned = fresh.loss.state
+    assert (learned.chunk_size, learned.checkpointing, learned.oom_skips) == (1, "resnet", 2)
+    assert float(learned.loss_scale.value) == 2.0 ** 15 and int(fresh.guard.streak) == 2
+
+
+def test_resume_keeps_the_runs_own_settings_and_says_what_differed(vae, caplog):
+    import logging
+
+    hook = LPLHook(vae, LPLConfig(use_lpl=True, lpl_dtype="float16", lpl_chunk_size=4))
+    state = hook.loss.state
+    state.chunk_size, state.checkpointing, state.oom_skips = 1, "resnet", 2
+    state.loss_scale.update(torch.tensor(True))
+    saved = hook.state_dict()
+    changed = LPLHook(vae, LPLConfig(use_lpl=True, lpl_chunk_size=2, lpl_checkpointing="none"))
+    with caplog.at_level(logging.WARNING, logger="lpl_plugin"):
+        changed.load_state_dict(saved)
+    learned = changed.loss.state
+    assert (learned.chunk_size, learned.checkpointing) == (2, "none")  # the user's new settings win
+    assert float(learned.loss_scale.value) == 1.0 and learned.oom_skips == 2  # float32 now: no scale; counters stay
+    assert "saved with other settings" in caplog.text
+    for text in ("lpl_chunk_size = 4 then, 2 now", "lpl_checkpointing = 'auto' then, 'none' now",
+                 "lpl_dtype = 'float16' then, 'float32' now"):
+        assert text in caplog.text
+    caplog.clear()
+    same = LPLHook(vae, LPLConfig(use_lpl=True, lpl_dtype="float16", lpl_chunk_size=4))
+    with caplog.at_level(logging.WARNING, logger="lpl_plugin"):
+        same.load_state_dict(saved)
+    assert same.loss.state.chunk_size == 1 and same.loss.state.checkpointing == "resnet" and not caplog.text
+
+
+def test_state_saved_by_version_0_1_restores_its_counters_only(vae):
+    hook = LPLHook(vae, LPLConfig(use_lpl=True, lpl_chunk_size=4))
+    hook.load_state_dict({"streak": 2, "bad_steps": 3, "nonfinite_samples": 5, "oom_skips": 1, "chunk_size": 1,
+                          "loss_scale": 8.0})
+    state = hook.loss.state
+    assert (int(hook.guard.streak), int(hook.guard.bad_steps), int(state.nonfinite_samples)) == (2, 3, 5)
+    assert state.oom_skips == 1 and state.chunk_size == 4  # 0.1 overrode the user's chunk size; no longer

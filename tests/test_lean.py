@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 
 import pytest
 import torch
 from torch import nn
 
-from lpl_plugin import LatentPerceptualLoss, LPLConfig, lean
+from lpl_plugin import LatentPerceptualLoss, LPLConfig, tensors
 from lpl_plugin.frozen import FrozenConv2d, LeanResnet, LeanUpsample, freeze_layers
 from lpl_plugin.precision import LossScale
 from lpl_plugin.tiny import tiny_vae
@@ -20,8 +21,7 @@ from .test_loss import latents
 @pytest.fixture()
 def small_slices(monkeypatch):
     """Force many channel slices, so that slicing is exercised on tiny maps."""
-    monkeypatch.setattr(lean, "SLICE_ELEMENTS", 40)
-    monkeypatch.setattr(lean, "MASK_SLICE_ELEMENTS", 20)
+    monkeypatch.setattr(tensors, "SLICE_ELEMENTS", 40)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,20 @@ def test_decoder_copy_runs_lean_blocks_with_unchanged_features(vae):
         for got, want, truth in zip(trunk(z), diffusers_features(vae, z), exact, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
             assert (got - truth).abs().max() <= 4 * (want - truth).abs().max() + 1e-7
+
+
+def test_block_recomputation_keeps_only_the_stage_input(vae):
+    trunk = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True)).trunk
+    x = torch.randn(1, 32, 8, 8, requires_grad=True)
+    out = trunk.stage(2, x, "block")  # up block 1: three ResNet blocks and an upsampler, recomputed in backward
+    nodes = graph_nodes(out)
+    assert [type(n).__name__ for n in nodes] == ["_RecomputeBackward", "AccumulateGrad"]
+    saved = nodes[0].saved_tensors
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()  # nothing else survives the forward pass
+    assert not any(isinstance(v, torch.Tensor) for v in vars(nodes[0]).values())
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    (want,) = torch.autograd.grad(trunk.stage(2, x, "none"), x, torch.ones_like(out))
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "resnet"])
@@ -133,8 +147,9 @@ def test_sliced_lean_gradient_equals_autograd(small_slices, small_vae, norm, los
     lean_loss = LatentPerceptualLoss(small_vae, LPLConfig(**options, lpl_chunk_size=2))
     pred, target = latents(batch=2, size=8)
     a, b = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
-    want, want_layers = plain(a, target, return_layers=True)
-    got, got_layers = lean_loss(b, target, return_layers=True)
+    want_result, got_result = plain(a, target, with_layers=True), lean_loss(b, target, with_layers=True)
+    want, want_layers = want_result.per_sample, want_result.layers
+    got, got_layers = got_result.per_sample, got_result.layers
     (want * torch.tensor([1.0, -3.0])).sum().backward()
     (got * torch.tensor([1.0, -3.0])).sum().backward()
     torch.testing.assert_close(got_layers, want_layers.detach(), rtol=1e-5, atol=1e-8)
@@ -149,9 +164,9 @@ def test_float16_loss_scale_keeps_small_gradients_from_flushing_to_zero(vae):
     def grad(dtype: str, scale: float | None = None) -> torch.Tensor:
         engine = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype=dtype))
         if scale is not None:
-            engine.loss_scale = LossScale(torch.float16, engine.trunk.device, initial=scale)
+            engine.state.loss_scale = LossScale(torch.float16, engine.trunk.device, initial=scale)
         leaf = pred.clone().requires_grad_(True)
-        engine(leaf, target).sum().backward()
+        engine(leaf, target).per_sample.sum().backward()
         return leaf.grad
 
     full, scaled, unscaled = grad("float32"), grad("float16"), grad("float16", scale=1.0)
@@ -167,10 +182,33 @@ def test_host_autocast_does_not_change_the_decoder_precision(vae, grad_mode):
     engine = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype="float32", lpl_grad_mode=grad_mode))
     pred, target = latents(batch=1)
     a, b = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
-    want = engine(a, target)
+    want = engine(a, target).per_sample
     want.sum().backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the host's forward runs under autocast, its backward not
-        got = engine(b, target)
+        got = engine(b, target).per_sample
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-10)
+
+
+def test_float16_loss_scale_stops_at_its_floor_and_warns_once(vae, caplog):
+    from lpl_plugin import LPLHook
+    from lpl_plugin.precision import SCALE_FLOOR
+
+    hot = copy.deepcopy(vae)
+    with torch.no_grad():
+        hot.post_quant_conv.weight.mul_(30000.0)  # activations beyond float16's range: every evaluation overflows
+    hook = LPLHook(hot, LPLConfig(use_lpl=True, lpl_dtype="float16", lpl_num_blocks=1, lpl_t_threshold=1000,
+                                  lpl_max_bad_steps=0))
+    scale = hook.loss.state.loss_scale
+    z0 = latents(batch=1, size=4)[1]
+    with caplog.at_level(logging.WARNING, logger="lpl_plugin"):
+        for _ in range(20):  # 2**16 halves to the floor of 1 in 16 overflows; then it stays there
+            pred = z0.clone().requires_grad_(True)
+            hook(latents=z0, noisy_latents=z0, timesteps=torch.tensor([5]), model_pred=pred, prediction_type="sample",
+                 alphas_cumprod=None, sigmas=None, noise_weights=None, snr_gamma=None, step=0, is_training=True,
+                 log_stats=False).loss.sum().backward()
+            assert float(scale.value) >= SCALE_FLOOR and torch.equal(pred.grad, torch.zeros_like(pred.grad))
+    assert float(scale.value) == SCALE_FLOOR and int(scale.floor_hits) == 4
+    assert caplog.text.count("loss scale overflowed at its floor") == 1
+    assert int(hook.loss.state.nonfinite_samples) == 20

@@ -34,13 +34,14 @@ def test_every_option_gives_finite_positive_differentiable_loss(vae, norm, loss_
     loss = LatentPerceptualLoss(vae, config)
     pred, target = latents()
     pred.requires_grad_(True)
-    per_sample, layers = loss(pred, target, return_layers=True)
+    result = loss(pred, target, with_layers=True)
+    per_sample, layers = result.per_sample, result.layers
     assert per_sample.shape == (2,) and layers.shape == (2, 4)
     assert torch.isfinite(per_sample).all() and (per_sample > 0).all()
     torch.testing.assert_close(per_sample.detach(), layers.sum(1) / 4)
     per_sample.sum().backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
-    zero, _ = loss(target.clone().requires_grad_(True), target, return_layers=True)
+    zero = loss(target.clone().requires_grad_(True), target).per_sample
     assert zero.abs().max() < 1e-5 * per_sample.min()  # identical latents: no distance beyond rounding
 
 
@@ -48,7 +49,7 @@ def test_every_option_gives_finite_positive_differentiable_loss(vae, norm, loss_
 def test_num_blocks_sets_layer_count(vae, blocks):
     loss = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_num_blocks=blocks))
     pred, target = latents(batch=1)
-    _, layers = loss(pred.requires_grad_(True), target, return_layers=True)
+    layers = loss(pred.requires_grad_(True), target, with_layers=True).layers
     assert layers.shape == (1, blocks + 1)
     assert loss.trunk.stage_names == ["mid"] + [f"up{i}" for i in range(blocks)]
 
@@ -69,7 +70,7 @@ def test_vae_is_never_mutated(vae):
     training = vae.training
     loss = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype="bfloat16"))
     pred, target = latents()
-    loss(pred.requires_grad_(True), target).sum().backward()
+    loss(pred.requires_grad_(True), target).per_sample.sum().backward()
     after = state(vae)
     assert before.keys() == after.keys() and vae.training == training
     for key, (value, dtype, device, grad) in before.items():
@@ -82,7 +83,7 @@ def test_target_features_stay_out_of_the_graph(vae):
     loss = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_grad_mode="autograd"))
     pred, target = latents()
     target.requires_grad_(True)
-    loss(pred.requires_grad_(True), target).sum().backward()
+    loss(pred.requires_grad_(True), target).per_sample.sum().backward()
     assert target.grad is None and pred.grad is not None
 
 
@@ -90,7 +91,7 @@ def test_post_quant_conv_changes_the_features(vae):
     pred, target = latents()
     with_pqc = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True))
     without = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_compat="diffusers"))
-    assert not torch.allclose(with_pqc(pred, target), without(pred, target))
+    assert not torch.allclose(with_pqc(pred, target).per_sample, without(pred, target).per_sample)
 
 
 def test_vae_without_post_quant_conv():
@@ -103,7 +104,7 @@ def test_vae_without_post_quant_conv():
     loss = LatentPerceptualLoss(tiny_vae(use_post_quant_conv=False), LPLConfig(use_lpl=True))
     assert loss.trunk.post_quant_conv is None
     pred, target = latents()
-    assert torch.isfinite(loss(pred, target)).all()
+    assert torch.isfinite(loss(pred, target).per_sample).all()
 
 
 def test_batch_norm_is_real_and_independent_of_chunking(vae):
@@ -111,10 +112,10 @@ def test_batch_norm_is_real_and_independent_of_chunking(vae):
     raw = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_norm_type="batch", lpl_compat="diffusers"))
     real = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_norm_type="batch", lpl_chunk_size=1))
     whole = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_norm_type="batch", lpl_chunk_size=4))
-    assert not torch.allclose(raw(pred, target), real(pred, target))
+    assert not torch.allclose(raw(pred, target).per_sample, real(pred, target).per_sample)
     p1, p4 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
-    real(p1, target).sum().backward()
-    whole(p4, target).sum().backward()
+    real(p1, target).per_sample.sum().backward()
+    whole(p4, target).per_sample.sum().backward()
     torch.testing.assert_close(p1.grad, p4.grad, rtol=1e-4, atol=1e-7)
 
 
@@ -148,14 +149,14 @@ def test_a_nan_sample_gets_zero_loss_and_gradient_the_others_are_untouched(vae, 
     grads = []
     for pred in (clean, poisoned):
         pred = pred.clone().requires_grad_(True)
-        values = loss(pred, target)
+        values = loss(pred, target).per_sample
         values.sum().backward()
         grads.append((values.detach(), pred.grad))
     (clean_values, clean_grad), (values, grad) = grads
     assert values[1] == 0 and torch.equal(grad[1], torch.zeros_like(grad[1]))
     torch.testing.assert_close(values[0], clean_values[0])
     torch.testing.assert_close(grad[0], clean_grad[0])
-    assert int(loss.stats.nonfinite_samples) == 1
+    assert int(loss.state.nonfinite_samples) == 1
 
 
 GRADCHECK_CASES = [("shared", "mse", "autograd", 2), ("default", "mse", "autograd", 2), ("batch", "mse", "autograd", 2),
@@ -170,7 +171,7 @@ def test_gradcheck_float64(norm, loss_type, grad_mode, batch):
     loss = LatentPerceptualLoss(vae64, config, dtype=torch.float64)
     pred, target = (t.double() for t in latents(batch=batch, size=4))
     pred.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda p: loss(p, target), (pred,), eps=1e-6, atol=1e-7, rtol=1e-4)
+    assert torch.autograd.gradcheck(lambda p: loss(p, target).per_sample, (pred,), eps=1e-6, atol=1e-7, rtol=1e-4)
 
 
 @pytest.mark.parametrize("checkpointing", ["none", "block", "resnet", "auto"])
@@ -181,17 +182,17 @@ def test_lean_gradient_equals_plain_autograd(vae, checkpointing, chunk):
     plain = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_grad_mode="autograd"))
     lean = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_chunk_size=chunk, lpl_checkpointing=checkpointing))
     a, b = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
-    (plain(a, target) * weights).sum().backward()
-    lean_value = lean(b, target)
+    (plain(a, target).per_sample * weights).sum().backward()
+    lean_value = lean(b, target).per_sample
     (lean_value * weights).sum().backward()
-    torch.testing.assert_close(lean_value.detach(), plain(pred, target).detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lean_value.detach(), plain(pred, target).per_sample.detach(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-8)
 
 
 def test_bfloat16_decoder_is_close_to_float32(vae):
     pred, target = latents()
-    full = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype="float32"))(pred, target)
-    half = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype="bfloat16"))(pred, target)
+    full = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype="float32"))(pred, target).per_sample
+    half = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_dtype="bfloat16"))(pred, target).per_sample
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=0.1, atol=1e-4)
 
@@ -202,13 +203,33 @@ def test_works_with_sd15_layout():
     loss = LatentPerceptualLoss(sd15_like, LPLConfig(use_lpl=True))
     assert loss.scaling_factor == pytest.approx(0.18215)
     pred, target = latents(batch=1)
-    assert torch.isfinite(loss(pred, target)).all()
+    assert torch.isfinite(loss(pred, target).per_sample).all()
 
 
 def test_no_grad_call_builds_no_graph(vae):
     loss = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True))
     pred, target = latents()
     with torch.no_grad():
-        value = loss(pred.requires_grad_(True), target)
+        value = loss(pred.requires_grad_(True), target).per_sample
     assert value.grad_fn is None
     copy.deepcopy(loss)  # an engine can be copied (e.g. by EMA or checkpoint helpers)
+
+
+def test_autograd_mode_counts_the_gradients_it_zeroes(vae):
+    loss = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_num_blocks=1, lpl_grad_mode="autograd"))
+
+    def poison_sample_1(module, inputs, output):
+        """A finite forward whose backward turns sample 1's gradient into NaN (as an overflow in backward does)."""
+        if output.requires_grad:
+            output.register_hook(lambda grad: torch.cat([grad[:1], grad[1:2] * float("nan"), grad[2:]]))
+
+    handle = loss.trunk.conv_in.register_forward_hook(poison_sample_1)
+    pred, target = latents(batch=3)
+    leaf = pred.clone().requires_grad_(True)
+    first = loss(leaf, target)
+    assert int(first.nonfinite) == 0 and torch.isfinite(first.per_sample).all()
+    first.per_sample.sum().backward()
+    assert torch.isfinite(leaf.grad).all() and leaf.grad[1].abs().sum() == 0 and leaf.grad[0].abs().sum() > 0
+    handle.remove()
+    second = loss(pred, target)  # the next call reports what the previous backward zeroed
+    assert int(second.nonfinite) == 1 and int(loss.state.nonfinite_samples) == 1

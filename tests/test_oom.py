@@ -38,7 +38,7 @@ config = LPLConfig(use_lpl=True, lpl_chunk_size=4, lpl_checkpointing="none")
 
 def run(engine):
     leaf = pred.clone().requires_grad_(True)
-    value = engine(leaf, target)
+    value = engine(leaf, target).per_sample
     value.sum().backward()
     return value.detach(), leaf.grad
 
@@ -57,8 +57,8 @@ for factor in map(float, sys.argv[1:]):
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     after_value, _ = run(engine)  # the next step, with memory back
     print(json.dumps({
-        "factor": factor, "chunk": engine.chunk_size, "retries": engine.stats.oom_retries,
-        "skips": engine.stats.oom_skips, "value_error": (value - want_value).abs().max().item(),
+        "factor": factor, "chunk": engine.state.chunk_size, "retries": engine.state.oom_retries,
+        "skips": engine.state.oom_skips, "value_error": (value - want_value).abs().max().item(),
         "grad_error": ((grad - want_grad).abs().max() / want_grad.abs().max()).item(),
         "all_zero": bool((value == 0).all() and (grad == 0).all()),
         "after_error": (after_value - want_value).abs().max().item(),
@@ -112,7 +112,7 @@ class CudaAllocatorStandIn:
         """Raise the allocator's error for a block that would keep its activations."""
         if torch.is_grad_enabled() and args[0].requires_grad and not kwargs.get("recompute", False):
             self.failures += 1
-            raise torch.OutOfMemoryError("CUDA out of memory (stand-in). Tried to allocate 2.00 GiB")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (stand-in)")
 
 
 @pytest.mark.parametrize("checkpointing", ["auto", "none"])
@@ -123,16 +123,16 @@ def test_auto_switches_to_recomputation_where_memory_runs_out(vae, caplog, check
     pred, target = latents()
     a, b = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
     with caplog.at_level(logging.WARNING, logger="lpl_plugin"):
-        got = engine(b, target)
+        got = engine(b, target).per_sample
     got.sum().backward()
-    assert allocator.failures == 2 and engine.chunk_size == 1  # two samples, then one, then recompute
+    assert allocator.failures == 2 and engine.state.chunk_size == 1  # two samples, then one, then recompute
     if checkpointing == "none":  # recomputation was not allowed: the step goes without LPL
-        assert engine.stats.oom_skips == 1 and torch.equal(got, torch.zeros(2)) and not b.grad.any()
+        assert engine.state.oom_skips == 1 and torch.equal(got, torch.zeros(2)) and not b.grad.any()
         assert "LPL skipped" in caplog.text
         return
-    assert engine.checkpointing == "resnet" and engine.stats.oom_retries == 2 and engine.stats.oom_skips == 0
+    assert engine.state.checkpointing == "resnet" and engine.state.oom_retries == 2 and engine.state.oom_skips == 0
     assert "recomputing decoder activations" in caplog.text
-    plain(a, target).sum().backward()
+    plain(a, target).per_sample.sum().backward()
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-9)
     engine(pred.clone().requires_grad_(True), target)  # later steps recompute from the start: no new failure
     assert allocator.failures == 2

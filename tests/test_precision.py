@@ -42,7 +42,7 @@ def test_float16_overflows_and_the_guard_catches_it(hot_vae):
     assert features[0].dtype == torch.float16
     assert not all(torch.isfinite(f).all() for f in features), "the raw float16 features overflow"
     assert torch.equal(loss, torch.zeros(2)) and torch.equal(grad, torch.zeros_like(grad))
-    assert int(hook.loss.stats.nonfinite_samples) == 2 and int(hook.guard.streak) == 1
+    assert int(hook.loss.state.nonfinite_samples) == 2 and int(hook.guard.streak) == 1
 
 
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
@@ -53,4 +53,4 @@ def test_default_and_bfloat16_stay_finite(hot_vae, dtype):
     assert max(float(f.float().abs().max()) for f in features) > FP16_MAX, "the activations exceed float16's range"
     assert all(torch.isfinite(f).all() for f in features)  # bfloat16 has float32's exponent range
     assert (loss > 0).all() and torch.isfinite(grad).all() and grad.abs().sum() > 0
-    assert int(hook.loss.stats.nonfinite_samples) == 0 and int(hook.guard.bad_steps) == 0
+    assert int(hook.loss.state.nonfinite_samples) == 0 and int(hook.guard.bad_steps) == 0

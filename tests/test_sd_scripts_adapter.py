@@ -117,7 +117,7 @@ def expected_lpl(h: Host, seen: dict, latents: torch.Tensor, batch: dict) -> tor
     t = seen["timesteps"]
     z0_hat = predict_z0(seen["pred"].detach(), seen["noisy"], kind, timesteps=t,
                         alphas_cumprod=h.scheduler.alphas_cumprod)
-    raw = LatentPerceptualLoss(h.vae, config, 0.13025)(z0_hat, latents)
+    raw = LatentPerceptualLoss(h.vae, config, 0.13025)(z0_hat, latents).per_sample
     weights = torch.ones(2)
     if config.lpl_scale:
         own = host_weights(h, t, torch.ones(2))
@@ -379,14 +379,14 @@ def test_resume_restores_the_optimizer_step_count_and_tolerates_states_without_i
     with standin("v0_10_1"):
         h = start(tmp_path)
         state, hook = tmp_path / "state", h.session.registry.get("lpl")
-        h.session.steps, hook.loss.stats.oom_skips = 7, 2
+        h.session.steps, hook.loss.state.oom_skips = 7, 2
         h.accelerator.save_state(str(state))
         assert json.loads((state / sd_scripts.STATE_FILE).read_text())["optimizer_steps"] == 7
         for expected in (7, 3, 0):
-            h.session.steps, hook.loss.stats.oom_skips = 99, 0
+            h.session.steps, hook.loss.state.oom_skips = 99, 0
             h.accelerator.load_state(str(state))
             assert h.session.steps == expected
-            assert hook.loss.stats.oom_skips == (2 if expected == 7 else 0)  # the hook's counters ride along
+            assert hook.loss.state.oom_skips == (2 if expected == 7 else 0)  # the hook's counters ride along
             if expected == 7:  # a state saved without the plugin: sd-scripts' own record of the step
                 (state / sd_scripts.STATE_FILE).unlink()
                 (state / "train_state.json").write_text(json.dumps({"current_epoch": 1, "current_step": 3}))

@@ -125,7 +125,7 @@ def test_real_noise_helper_and_conditional_loss_add_the_specified_lpl(sd, tmp_pa
     (on, grad_on), (off, grad_off) = results
     run.session.config = run.session.config.replace(use_lpl=True)
     z0_hat = predict_z0(pred.detach(), noisy, "epsilon", timesteps=t, alphas_cumprod=run.scheduler.alphas_cumprod)
-    raw = LatentPerceptualLoss(run.vae, run.session.config, 0.13025)(z0_hat, latents)
+    raw = LatentPerceptualLoss(run.vae, run.session.config, 0.13025)(z0_hat, latents).per_sample
     snr_weights = sd["library.custom_train_functions"].apply_snr_weight(torch.ones(2), t, run.scheduler, 5.0)
     torch.testing.assert_close(on - off, raw * snr_weights, rtol=1e-4, atol=1e-6)
     assert not torch.equal(grad_on, grad_off)
