@@ -54,12 +54,12 @@ def _worker_args(args: argparse.Namespace, **changes: Any) -> argparse.Namespace
 
 def side_by_side(args: argparse.Namespace, cuda: bool) -> list[dict[str, Any]]:
     """The reference (when given) and the engine's variants, with each attention backend, ratios per backend."""
-    from .bench import _spawn
+    from .bench_worker import spawn
 
     names = (["reference"] if args.reference else []) + list(ENGINE_VARIANTS)
     rows = []
     for attention in (("xformers", "sdpa") if cuda else ("sdpa",)):
-        results = {name: _spawn(_worker_args(args, attention=attention), name) for name in names}
+        results = {name: spawn(_worker_args(args, attention=attention), name) for name in names}
         baseline = results[names[0]]
         for name, result in results.items():
             best, base = min(result["times"]), min(baseline["times"])
@@ -72,7 +72,7 @@ def side_by_side(args: argparse.Namespace, cuda: bool) -> list[dict[str, Any]]:
 
 def preset_rows(args: argparse.Namespace, cuda: bool) -> list[dict[str, Any]]:
     """Each preset's LPL settings at the suite's resolution: measured peak of one call against the estimate."""
-    from .bench import _spawn
+    from .bench_worker import spawn
     from .config import LPLConfig
     from .estimate import estimate_for
     from .presets import preset_names, preset_text
@@ -86,7 +86,7 @@ def preset_rows(args: argparse.Namespace, cuda: bool) -> list[dict[str, Any]]:
         dtype = config.lpl_dtype if cuda else "float32"  # bfloat16 convolutions are slow on most CPUs
         settings = {"lpl_num_blocks": config.lpl_num_blocks, "lpl_checkpointing": config.lpl_checkpointing,
                     "lpl_chunk_size": config.lpl_chunk_size, "lpl_dtype": dtype}
-        result = _spawn(_worker_args(args, attention="auto", batch=batch, blocks=config.lpl_num_blocks, dtype=dtype,
+        result = spawn(_worker_args(args, attention="auto", batch=batch, blocks=config.lpl_num_blocks, dtype=dtype,
                                      settings=json.dumps(settings)), "lean")
         estimate = estimate_for(args.vae, resolution=args.latent * 8, batch=batch, blocks=config.lpl_num_blocks,
                                 dtype=dtype, chunk=config.lpl_chunk_size, checkpointing=config.lpl_checkpointing,
@@ -126,7 +126,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# lpl-plugin bench --suite gpu: {where}", "",
              f"torch {env['torch']}, CUDA {env.get('cuda') or '–'}, diffusers {env['diffusers']}, xformers "
              f"{env['xformers'] or 'not installed'} ({'usable' if env['xformers_usable'] else env['xformers_reason']})",
-             "", f"## One LPL call (forward + backward), side by side",
+             "", "## One LPL call (forward + backward), side by side",
              "", f"vae={s['vae']}, {s['resolution']} px, batch 1, 4 blocks, {s['dtype']}, shared norm, pow-law, "
              f"outlier masks; best of {s['calls']} calls in a fresh process per row; peak = "
              f"{'torch.cuda.max_memory_allocated' if s['cuda'] else 'peak RSS'} above the model and inputs.", "",
@@ -167,7 +167,7 @@ def run_suite(args: argparse.Namespace) -> int:
     except OSError as error:
         raise UserError(f"--out {args.out}: cannot write there ({error.strerror or error})") from None
     if args.reference:
-        from .bench import load_reference
+        from .bench_worker import load_reference
 
         load_reference(args.reference)
     from .estimate import layout_vae

@@ -25,7 +25,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class LossScale:
-    """Dynamic loss scale kept on the device (no host sync): halves on overflow down to a floor, doubles after clean runs.
+    """Dynamic loss scale on the device (no host sync): halves on overflow down to a floor, doubles after clean runs.
 
     Only float16 needs it: bfloat16 and float32 share float32's exponent range, so their scale stays 1.
     `floor_hits` counts overflows that happened with the scale already at its floor.

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from lpl_plugin import LatentPerceptualLoss, LPLConfig
-from lpl_plugin.bench import make_latents
+from lpl_plugin.bench_worker import make_latents
 from lpl_plugin.memory import current_rss, peak_rss, reset_peak_rss
 from lpl_plugin.tiny import tiny_vae
 
