@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .arguments import check_config, check_device, check_latents, check_vae
 from .config import LPLConfig
 from .features import DecoderTrunk
 from .guard import finite_gradient
@@ -60,7 +61,9 @@ class LatentPerceptualLoss(nn.Module):
                  shift_factor: float | None = None, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        self.config = config if config is not None else LPLConfig(use_lpl=True)
+        self.latent_channels = check_vae(vae, "LatentPerceptualLoss")  # argument checks (issue 12)
+        self.config = LPLConfig(use_lpl=True) if config is None else check_config(config, "LatentPerceptualLoss")
+        check_device(device, "LatentPerceptualLoss")
         self.compat = self.config.lpl_compat == "diffusers"
         vae_config = getattr(vae, "config", None)
         if scaling_factor is None:
@@ -242,9 +245,7 @@ class LatentPerceptualLoss(nn.Module):
                 return_layers: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Per-sample LPL (B,), mean over layers; with `return_layers` also the (B, 1 + num_blocks) breakdown."""
         self.stats.calls += 1
-        if pred_latents.shape != target_latents.shape or pred_latents.dim() != 4:
-            raise ValueError(f"LPL needs pred and target latents of equal shape B x C x H x W, got "
-                             f"{tuple(pred_latents.shape)} and {tuple(target_latents.shape)}")
+        check_latents(pred_latents, target_latents, self.latent_channels, "LatentPerceptualLoss")  # issue 12
         target_latents = target_latents.detach()
         skipped = False
         try:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .errors import UserError
+from .files import read_json_object
+from .messages import show_path, shown
+from .vae_io import check_vae_config
 
 SDXL_SCALING_FACTOR = 0.13025
 SDXL_VAE_CHANNELS = (128, 256, 512, 512)
@@ -73,16 +77,19 @@ def random_vae(spec: str):
     if spec == "sdxl":
         return sdxl_vae()
     path = Path(spec)
-    config = path if path.is_file() and path.suffix == ".json" else None
+    config = path if path.suffix == ".json" and os.path.lexists(path) else None
     for folder in (path, path / "vae"):
-        if config is None and (folder / "config.json").is_file():
+        if config is None and os.path.lexists(folder / "config.json"):
             config = folder / "config.json"
     if config is None:
-        raise UserError(f"--vae: {spec} is neither tiny, sdxl, a diffusers VAE folder nor its config.json "
+        raise UserError(f"--vae: {show_path(spec)} is neither tiny, sdxl, a diffusers VAE folder nor its config.json "
                         "(single-file SDXL VAEs share the sdxl layout: pass --vae sdxl)")
+    data = read_json_object(config, what="a VAE config.json")  # regular, bounded, not too deep
+    check_vae_config(data, show_path(config))
     from diffusers import AutoencoderKL
 
     try:
-        return AutoencoderKL.from_config(AutoencoderKL.load_config(str(config.parent))).eval()
-    except Exception as error:
-        raise UserError(f"--vae: {config} is not an AutoencoderKL config ({type(error).__name__})") from None
+        return AutoencoderKL.from_config(data).eval()
+    except Exception as error:  # wrong types or sizes in the config: the user's to fix, in one line
+        raise UserError(f"--vae: {show_path(config)} is not a usable AutoencoderKL config ({type(error).__name__}: "
+                        f"{shown(str(error).strip().splitlines()[0] if str(error).strip() else '', 120)})") from None

@@ -54,7 +54,7 @@ def test_no_lpl_keys_means_off(tmp_path):
     ("lpl_weight = true", "`lpl_weight` must be a number, got true (boolean)"),
     ("lpl_t_threshold = 200.0", "`lpl_t_threshold` must be an integer, got 200.0 (float)"),
     ("lpl_num_blocks = 7", "`lpl_num_blocks` must be between 0 and 4, got 7"),
-    ("lpl_start = -1", "`lpl_start` must be at least 0, got -1"),
+    ("lpl_start = -1", "`lpl_start` must be between 0 and 1000000000, got -1"),
     ("lpl_weight = nan", "`lpl_weight` must be a finite number, got nan"),
     ("lpl_snr_gamma = 0", "`lpl_snr_gamma` must be greater than 0, got 0"),
     ('lpl_loss_type = "L2"', '`lpl_loss_type` must be one of "mse", "l1", got "L2"'),
@@ -88,7 +88,7 @@ def test_malformed_toml_names_line_and_column(tmp_path):
 
 
 def test_missing_file_and_non_utf8(tmp_path):
-    assert "config file not found" in str(check_file(tmp_path / "nope.toml")[1][0])
+    assert "nope.toml: not found; check the path" in str(check_file(tmp_path / "nope.toml")[1][0])
     path = tmp_path / "latin.toml"
     path.write_bytes(b"# caf\xe9\nuse_lpl = true\n")
     assert "not UTF-8" in str(check_file(path)[1][0])
