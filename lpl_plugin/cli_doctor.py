@@ -132,13 +132,14 @@ def config_report(path: str) -> tuple[list[str], bool]:
     from .preflight import check_training_config
     from .toml_io import render_toml
 
-    from .messages import one_line, show_path
+    from .config import ConfigError
+    from .messages import show_path
 
     checked = check_training_config(path)
     lines = list(checked.warnings)
     if checked.problems or checked.config is None:
         return lines + [f"config {show_path(path)}: {len(checked.problems)} problem(s):"] + \
-            [f"  {one_line(str(p))}" for p in checked.problems], False
+            [f"  {line}" for line in ConfigError(checked.problems).lines()], False
     state = "on" if checked.config.use_lpl else "off"
     lines.append(f"config {show_path(path)}: valid; LPL is {state}; effective settings:")
     lines += [f"  {line}" for line in render_toml(checked.config, comments=False).splitlines()]

@@ -154,6 +154,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
         config = load_config(args.config)
     out = check_output(args.out, OUT_SUFFIXES)
+    if args.vae != "tiny":
+        from .vae_io import vae_folder
+
+        vae_folder(args.vae)  # every file diffusers would open, checked before torch is imported
     picture = read_picture(args.image, args.resolution)  # size and format, before torch and the VAE load
     import torch
 

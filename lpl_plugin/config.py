@@ -30,6 +30,8 @@ MAX_SNR_GAMMA = 10000.0
 MAX_START = 10 ** 9
 MAX_CHUNK = 1024
 MAX_BAD_STEPS = 10 ** 6
+# Problems a ConfigError message lists (all stay in its `problems`); a file of a thousand typos prints a screenful.
+MAX_PROBLEMS = 10
 # Keys longer than this get no "did you mean" hint (difflib would compare them in full).
 _MAX_SUGGESTED = 100
 
@@ -145,11 +147,14 @@ class Problem:
 
 
 class ConfigError(UserError, ValueError):
-    """Raised with every problem found in a config, one line each."""
+    """Raised with every problem found in a config, one line each (the first MAX_PROBLEMS, then a count)."""
 
     def __init__(self, problems: Iterable[Problem]):
         self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+        lines = [str(p) for p in self.problems[:MAX_PROBLEMS]]
+        if len(self.problems) > MAX_PROBLEMS:
+            lines.append(f"... and {len(self.problems) - MAX_PROBLEMS} more problems; fix these first")
+        super().__init__("\n".join(lines))
 
 
 # -- the fields as data ---------------------------------------------------------------------------------------------
@@ -220,7 +225,7 @@ def _as_number(value: Any, kind_: str) -> int | float | None:
     try:
         return float(value)
     except OverflowError:  # an integer beyond float range
-        return math.copysign(math.inf, value)
+        return math.inf if value > 0 else -math.inf
     except (TypeError, ValueError):
         return None
 

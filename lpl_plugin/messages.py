@@ -65,8 +65,10 @@ def _big_int(value: int) -> str | None:
     """An integer too long to print (or to turn into text at all) as its digit count, else None."""
     if value.bit_length() <= 256:
         return None
-    digits = int(value.bit_length() * math.log10(2)) + 1
-    return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
+    digits = int(value.bit_length() * math.log10(2)) + 1  # exact, or one too many just below a power of ten
+    if abs(value) < 10 ** (digits - 1):
+        digits -= 1
+    return f"{'a negative' if value < 0 else 'an'} integer of {digits} digits"
 
 
 def show_value(value: Any, limit: int = MAX_SHOWN) -> str:
@@ -91,8 +93,13 @@ def _toml_text(value: Any, limit: int, depth: int) -> str:
         return repr(value)
     if isinstance(value, str):
         return _quoted(value, limit)
-    if value is None:
-        return "null"
+    if value is None:  # only the Python API passes None
+        return "None"
+    if hasattr(value, "isoformat") and callable(value.isoformat):  # TOML dates and times
+        try:
+            return shorten(str(value.isoformat()), limit)
+        except Exception:
+            pass
     if depth > 2:
         return "..."
     if isinstance(value, dict):
@@ -125,7 +132,7 @@ def _toml_text(value: Any, limit: int, depth: int) -> str:
 def type_name(value: Any) -> str:
     """A value's type in TOML's words (boolean, integer, float, string, array, table), else Python's name."""
     names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", tuple: "array",
-             dict: "table", type(None): "null"}
+             dict: "table", type(None): "NoneType"}
     return names.get(type(value), type(value).__name__)
 
 

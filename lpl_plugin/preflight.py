@@ -165,10 +165,10 @@ def _referenced_dataset_config(host: Mapping[str, Any], source: str) -> list[Pro
     except FileError as error:
         if error.errno == errno.ENOENT:  # sd-scripts reports a missing dataset config itself
             return []
-    where = f"{source}: `dataset_config` {show_path(named)}"
     data, problems = read_toml(named)
-    if data is None:
-        return [Problem(where, "dataset_config", str(problem)) for problem in problems]
+    if data is None:  # the problem's source is the dataset config's path (with :line:column for syntax errors)
+        return [Problem(f"{source}: `dataset_config` {p.source}", "dataset_config", p.message) for p in problems]
+    where = f"{source}: `dataset_config` {show_path(named)}"
     return [_in_dataset_config(where, place, key) for place, key, _ in _lpl_keys(data, "")]
 
 
