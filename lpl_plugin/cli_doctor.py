@@ -7,6 +7,7 @@ would use it: torch and CUDA, xformers actually running, bitsandbytes' 8-bit Ada
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -22,10 +23,13 @@ def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
     from .patches.sd_scripts_seams import (KIND_NAMES, KNOWN_FINGERPRINTS, SCRIPTS, SourceReader, detect,
                                            fingerprint, show)
 
-    if not (root / "library" / "train_util.py").is_file():
-        raise UserError(f"--sd-scripts {root}: not an sd-scripts checkout (no library/train_util.py)")
+    from .files import is_file
+    from .messages import show_path
+
+    if not is_file(root / "library" / "train_util.py"):
+        raise UserError(f"--sd-scripts {show_path(root)}: not an sd-scripts checkout (no library/train_util.py)")
     reader = SourceReader(root)
-    lines = [f"sd-scripts: {root.resolve()}"]
+    lines = [f"sd-scripts: {show_path(root.resolve())}"]
     print_ = fingerprint(reader)
     described = git_describe(root)
     if described:
@@ -47,7 +51,7 @@ def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
 
 def git_describe(root: Path) -> str | None:
     """`git describe --tags --always --dirty` of a checkout with a .git folder, else None."""
-    if not (root / ".git").exists():
+    if not os.path.lexists(root / ".git"):
         return None
     try:
         done = subprocess.run(["git", "-C", str(root), "describe", "--tags", "--always", "--dirty"],

@@ -153,7 +153,9 @@ class ConfigError(UserError, ValueError):
         self.problems = list(problems)
         lines = [str(p) for p in self.problems[:MAX_PROBLEMS]]
         if len(self.problems) > MAX_PROBLEMS:
-            lines.append(f"... and {len(self.problems) - MAX_PROBLEMS} more problems; fix these first")
+            source = self.problems[MAX_PROBLEMS].source
+            lines.append(f"{source + ': ' if source else ''}... and {len(self.problems) - MAX_PROBLEMS} more "
+                         "problems; fix these first")
         super().__init__("\n".join(lines))
 
 

@@ -327,10 +327,10 @@ def resumed_state(folder: Path) -> tuple[int, dict[str, Any]]:
                 reason = error.reason if isinstance(error, FileError) else f"{type(error).__name__}: {shown(error)}"
                 raise UnsupportedHost(show_path(folder), [f"{show_path(path)} is unreadable ({reason}); delete it to "
                                                     "resume with the step count sd-scripts saved"])
-            log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, path.name)
+            log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, show_path(path.name))
             return steps, hook
-    log.info("lpl-plugin: %s has no %s or %s; counting optimizer steps from 0 for lpl_start", folder, STATE_FILE,
-             HOST_STATE_FILE)
+    log.info("lpl-plugin: %s has no %s or %s; counting optimizer steps from 0 for lpl_start", show_path(folder),
+             STATE_FILE, HOST_STATE_FILE)
     return 0, {}
 
 
