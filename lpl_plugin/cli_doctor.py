@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
-from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
@@ -53,6 +51,8 @@ def git_describe(root: Path) -> str | None:
     """`git describe --tags --always --dirty` of a checkout with a .git folder, else None."""
     if not os.path.lexists(root / ".git"):
         return None
+    import subprocess
+
     try:
         done = subprocess.run(["git", "-C", str(root), "describe", "--tags", "--always", "--dirty"],
                               capture_output=True, text=True, timeout=20)
@@ -63,6 +63,8 @@ def git_describe(root: Path) -> str | None:
 
 def torch_report() -> list[str]:
     """torch, CUDA and the package versions the engine needs."""
+    from importlib import metadata
+
     import torch
 
     lines = [f"python {platform.python_version()}; torch {torch.__version__}"]

@@ -32,8 +32,10 @@ MAX_CHUNK = 1024
 MAX_BAD_STEPS = 10 ** 6
 # Problems a ConfigError message lists (all stay in its `problems`); a file of a thousand typos prints a screenful.
 MAX_PROBLEMS = 10
-# Keys longer than this get no "did you mean" hint (difflib would compare them in full).
+# Keys longer than this get no "did you mean" hint (difflib would compare them in full), nor do problems after the
+# first _MAX_HINTED of one config (only the first MAX_PROBLEMS are shown; a file of 50,000 typos stays quick).
 _MAX_SUGGESTED = 100
+_MAX_HINTED = 4 * MAX_PROBLEMS
 
 LossType = Literal["mse", "l1"]
 NormType = Literal["default", "shared", "batch"]
@@ -293,7 +295,8 @@ def problems_of(values: Mapping[Any, Any], *, source: str,
         if key in _FIELDS:
             message = check_value(key, value)
         else:
-            message = f"unknown option {quoted_key(key)}{suggest(key, list(_FIELDS) + list(ALIASES))}"
+            hint = suggest(key, list(_FIELDS) + list(ALIASES)) if len(problems) < _MAX_HINTED else ""
+            message = f"unknown option {quoted_key(key)}{hint}"
         if message:
             table = tables.get(key)
             problems.append(Problem(source, key, f"{table} {message}" if table else message))
@@ -359,7 +362,8 @@ def collect_lpl_keys(mapping: Mapping[str, Any], *,
             return
         respelt = _misspelt_prefix(key)
         if respelt is not None:
-            hint = f" (did you mean `{respelt}`?)" if respelt in known else suggest(respelt, known)
+            hint = f" (did you mean `{respelt}`?)" if respelt in known else \
+                suggest(respelt, known) if len(problems) < _MAX_HINTED else ""
             problems.append(Problem(source, key, f"{location + ' ' if location else ''}{quoted_key(key)} is not an "
                                     f"LPL option{hint}; LPL keys are lower case and start with `lpl_`"))
 
@@ -374,9 +378,10 @@ def collect_lpl_keys(mapping: Mapping[str, Any], *,
                                         "tables deep; sd-scripts reads only one table level, so move them to the "
                                         "top level or an [lpl] table"))
             elif key == "lpl" and isinstance(inner, str) and not (is_lpl_key(inner) or inner in ALIASES):
+                hint = suggest("lpl_" + inner, known) if len(problems) < _MAX_HINTED else ""
                 problems.append(Problem(source, inner, f"[lpl] {quoted_key(inner)} lacks the `lpl_` prefix; "
                                         f"sd-scripts flattens tables, so it would set its own {quoted_key(inner)}"
-                                        f"{suggest('lpl_' + inner, known)}"))
+                                        f"{hint}"))
             else:
                 look(inner, inner_value, table)
     return values, tables, problems

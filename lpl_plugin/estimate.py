@@ -249,6 +249,10 @@ def render(estimate: Estimate, settings: str) -> str:
 
 def _estimate(args: argparse.Namespace) -> int:
     """Print the estimate for the given settings (the argument types bound every number)."""
+    if args.vae not in ("tiny", "sdxl"):
+        from .vae_io import vae_config
+
+        vae_config(args.vae)  # a missing or hostile config.json fails here, before torch is imported
     result = estimate_for(args.vae, resolution=args.resolution, batch=args.batch, blocks=args.blocks,
                           dtype=args.dtype, chunk=args.chunk, checkpointing=args.checkpointing, device=args.device,
                           outliers=not args.no_outliers)

@@ -330,8 +330,11 @@ def write_bytes(path: str | os.PathLike[str], data: bytes, *, option: str = "--o
     """Write a file whole or not at all (a temporary file beside it, then renamed); FileError when it fails."""
     out = Path(path)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(partial, "wb") as handle:
+        if os.path.lexists(partial):  # left by a killed run with the same process id
+            os.unlink(partial)
+        with os.fdopen(os.open(partial, flags, 0o666), "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .errors import UserError
-from .files import read_json_object
 from .messages import show_path, shown
-from .vae_io import check_vae_config
+from .vae_io import vae_config
 
 SDXL_SCALING_FACTOR = 0.13025
 SDXL_VAE_CHANNELS = (128, 256, 512, 512)
@@ -76,16 +73,7 @@ def random_vae(spec: str):
         return tiny_vae()
     if spec == "sdxl":
         return sdxl_vae()
-    path = Path(spec)
-    config = path if path.suffix == ".json" and os.path.lexists(path) else None
-    for folder in (path, path / "vae"):
-        if config is None and os.path.lexists(folder / "config.json"):
-            config = folder / "config.json"
-    if config is None:
-        raise UserError(f"--vae: {show_path(spec)} is neither tiny, sdxl, a diffusers VAE folder nor its config.json "
-                        "(single-file SDXL VAEs share the sdxl layout: pass --vae sdxl)")
-    data = read_json_object(config, what="a VAE config.json")  # regular, bounded, not too deep
-    check_vae_config(data, show_path(config))
+    config, data = vae_config(spec)
     from diffusers import AutoencoderKL
 
     try:

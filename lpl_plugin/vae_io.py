@@ -53,6 +53,21 @@ def check_vae_config(data: dict[str, Any], source: str) -> None:
             raise bad(key, f"a list of at most {_MAX_BLOCKS} block names")
 
 
+def vae_config(spec: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+    """The config.json a `--vae` folder or file names and its checked contents (no torch, no weights)."""
+    path = Path(spec)
+    config = path if path.suffix == ".json" and os.path.lexists(path) else None
+    for folder in (path, path / "vae"):
+        if config is None and os.path.lexists(folder / "config.json"):
+            config = folder / "config.json"
+    if config is None:
+        raise UserError(f"--vae: {show_path(spec)} is neither tiny, sdxl, a diffusers VAE folder nor its config.json "
+                        "(single-file SDXL VAEs share the sdxl layout: pass --vae sdxl)")
+    data = read_json_object(config, what="a VAE config.json")  # regular, bounded, not too deep
+    check_vae_config(data, show_path(config))
+    return config, data
+
+
 def _weights_name(variant: str | None) -> str:
     """The safetensors weights file of a variant (`diffusion_pytorch_model.fp16.safetensors`)."""
     return SAFE_WEIGHTS if variant is None else SAFE_WEIGHTS.replace(".safetensors", f".{variant}.safetensors")

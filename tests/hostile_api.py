@@ -69,6 +69,14 @@ def replace_unknown():
 
 
 @case
+def dataclasses_replace():
+    import dataclasses
+
+    from lpl_plugin import LPLConfig
+    return dataclasses.replace(LPLConfig(), lpl_weight=1e300)
+
+
+@case
 def from_mapping_none():
     from lpl_plugin import LPLConfig
     return LPLConfig.from_mapping(None)

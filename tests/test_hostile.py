@@ -76,6 +76,8 @@ def make(work: Path, spec: dict) -> None:
         path.write_bytes((line * (spec["size"] // len(line) + 1))[:spec["size"]])
     elif kind == "text":
         path.write_text(spec["text"], encoding="utf-8")
+    elif kind == "numbered":  # `line` repeated `count` times, <i> replaced by the line's number
+        path.write_text("".join(spec["line"].replace("<i>", str(i)) for i in range(spec["count"])), encoding="utf-8")
     else:
         raise ValueError(kind)
 
