@@ -31,9 +31,9 @@ from lpl_plugin.config import LPLConfig
 from lpl_plugin.errors import FileError, UserError
 from lpl_plugin.files import read_json_object
 from lpl_plugin.hook import LPLHook
+from lpl_plugin.messages import show_path, shown
 from lpl_plugin.preflight import check_training_mapping
 from lpl_plugin.registry import HookRegistry, LossContext
-from lpl_plugin.messages import show_path, shown
 from lpl_plugin.schema import add_arguments
 
 from .sd_scripts_seams import Layout, ModuleReader, UnsupportedHost, detect, script_kind  # noqa: F401
@@ -325,8 +325,8 @@ def resumed_state(folder: Path) -> tuple[int, dict[str, Any]]:
                 steps, hook = int(data[key]), dict(data.get("hook") or {}) if name == STATE_FILE else {}
             except (UserError, ValueError, KeyError, TypeError, AttributeError) as error:
                 reason = error.reason if isinstance(error, FileError) else f"{type(error).__name__}: {shown(error)}"
-                raise UnsupportedHost(show_path(folder), [f"{show_path(path)} is unreadable ({reason}); delete it to "
-                                                    "resume with the step count sd-scripts saved"])
+                raise UnsupportedHost(show_path(folder), [f"{show_path(path)} is unreadable ({reason}); delete it "
+                                                          "to resume with the step count sd-scripts saved"])
             log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, show_path(path.name))
             return steps, hook
     log.info("lpl-plugin: %s has no %s or %s; counting optimizer steps from 0 for lpl_start", show_path(folder),

@@ -146,3 +146,19 @@ def test_config_checks_do_not_import_torch(tmp_path, argv):
 def test_user_errors_print_safe_lines():
     error = UserError("first\x1b[31m\nsecond\x07")
     assert error.lines() == ["first\\x1b[31m", "second\\x07"]
+
+
+def test_adapter_state_files_go_through_the_reader(tmp_path):
+    from lpl_plugin.patches.sd_scripts import STATE_FILE, resumed_state
+
+    os.mkfifo(tmp_path / STATE_FILE)
+    with pytest.raises(UserError) as info:
+        resumed_state(tmp_path)  # a blocking read would hang here
+    (line,) = info.value.lines()
+    assert "is unreadable (is a FIFO (named pipe)" in line and "lpl_plugin_state.json" in line
+    (tmp_path / STATE_FILE).unlink()
+    (tmp_path / STATE_FILE).write_text('{"optimizer_steps": ' + "[" * 5000 + "]" * 5000 + "}", encoding="utf-8")
+    with pytest.raises(UserError, match="nests tables or arrays 5001 levels deep"):
+        resumed_state(tmp_path)
+    (tmp_path / STATE_FILE).write_text('{"optimizer_steps": 7, "hook": {}}', encoding="utf-8")
+    assert resumed_state(tmp_path) == (7, {})
