@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from .cli_args import Parser
 from .errors import UserError
 
 # Modules that add subcommands: each defines `add_commands(subparsers)` and sets `func` on its parsers.
@@ -18,7 +19,7 @@ COMMAND_MODULES = ("lpl_plugin.cli_config", "lpl_plugin.demo.cli", "lpl_plugin.c
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="lpl-plugin", description="Latent Perceptual Loss for SDXL trainers.")
+    parser = Parser(prog="lpl-plugin", description="Latent Perceptual Loss for SDXL trainers.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(subparsers)
@@ -28,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, or a bad argument already reported in one line
+        return done.code if isinstance(done.code, int) else 2
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .config import LPLConfig
+from .messages import show_path
 from .preflight import check_training_config
 from .schema import json_schema
 from .toml_io import render_toml
@@ -18,7 +19,7 @@ def _validate(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     config = checked.raise_for_problems()
     state = "on" if config.use_lpl else "off"
-    print(f"# {args.config}: valid; LPL is {state}. Effective settings:")
+    print(f"# {show_path(args.config)}: valid; LPL is {state}. Effective settings:")
     print(render_toml(config, comments=False), end="")
     return 0
 

@@ -7,9 +7,8 @@ would use it: torch and CUDA, xformers actually running, bitsandbytes' 8-bit Ada
 from __future__ import annotations
 
 import argparse
+import os
 import platform
-import subprocess
-from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
@@ -22,10 +21,13 @@ def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
     from .patches.sd_scripts_seams import (KIND_NAMES, KNOWN_FINGERPRINTS, SCRIPTS, SourceReader, detect,
                                            fingerprint, show)
 
-    if not (root / "library" / "train_util.py").is_file():
-        raise UserError(f"--sd-scripts {root}: not an sd-scripts checkout (no library/train_util.py)")
+    from .files import is_file
+    from .messages import show_path
+
+    if not is_file(root / "library" / "train_util.py"):
+        raise UserError(f"--sd-scripts {show_path(root)}: not an sd-scripts checkout (no library/train_util.py)")
     reader = SourceReader(root)
-    lines = [f"sd-scripts: {root.resolve()}"]
+    lines = [f"sd-scripts: {show_path(root.resolve())}"]
     print_ = fingerprint(reader)
     described = git_describe(root)
     if described:
@@ -47,8 +49,10 @@ def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
 
 def git_describe(root: Path) -> str | None:
     """`git describe --tags --always --dirty` of a checkout with a .git folder, else None."""
-    if not (root / ".git").exists():
+    if not os.path.lexists(root / ".git"):
         return None
+    import subprocess
+
     try:
         done = subprocess.run(["git", "-C", str(root), "describe", "--tags", "--always", "--dirty"],
                               capture_output=True, text=True, timeout=20)
@@ -59,6 +63,8 @@ def git_describe(root: Path) -> str | None:
 
 def torch_report() -> list[str]:
     """torch, CUDA and the package versions the engine needs."""
+    from importlib import metadata
+
     import torch
 
     lines = [f"python {platform.python_version()}; torch {torch.__version__}"]
@@ -132,13 +138,16 @@ def config_report(path: str) -> tuple[list[str], bool]:
     from .preflight import check_training_config
     from .toml_io import render_toml
 
+    from .config import ConfigError
+    from .messages import show_path
+
     checked = check_training_config(path)
     lines = list(checked.warnings)
     if checked.problems or checked.config is None:
-        return lines + [f"config {path}: {len(checked.problems)} problem(s):"] + \
-            [f"  {p}" for p in checked.problems], False
+        return lines + [f"config {show_path(path)}: {len(checked.problems)} problem(s):"] + \
+            [f"  {line}" for line in ConfigError(checked.problems).lines()], False
     state = "on" if checked.config.use_lpl else "off"
-    lines.append(f"config {path}: valid; LPL is {state}; effective settings:")
+    lines.append(f"config {show_path(path)}: valid; LPL is {state}; effective settings:")
     lines += [f"  {line}" for line in render_toml(checked.config, comments=False).splitlines()]
     return lines, True
 

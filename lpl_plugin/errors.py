@@ -1,15 +1,33 @@
-"""The exception for user mistakes: reported as one line per problem, never as a traceback."""
+"""The exceptions for user mistakes: reported as one line per problem, never as a traceback."""
 
 from __future__ import annotations
+
+from .messages import one_line
 
 
 class UserError(Exception):
     """A mistake the user can fix (a bad key, file or value); the CLI prints it and exits with status 2."""
 
     def lines(self) -> list[str]:
-        """The message, one problem per line."""
-        return str(self).splitlines() or [type(self).__name__]
+        """The message, one problem per line, each safe to print on a terminal."""
+        return [one_line(line) for line in str(self).splitlines()] or [type(self).__name__]
 
 
 class VaeMismatch(UserError, ValueError):
     """The VAE handed to LPL cannot serve the settings (not an AutoencoderKL, or too few decoder blocks)."""
+
+
+class FileError(UserError):
+    """A file or folder the package was asked to read cannot be read safely; one line naming the path."""
+
+    def __init__(self, path: str, reason: str, errno: int | None = None):
+        self.path, self.reason, self.errno = path, reason, errno
+        super().__init__(f"{path}: {reason}")
+
+
+class ArgumentError(UserError, ValueError):
+    """A Python API call got an argument of the right kind but an unusable value (shape, channels, device)."""
+
+
+class ArgumentTypeError(UserError, TypeError):
+    """A Python API call got an argument of the wrong kind (a dict for a config, None for a VAE, int latents)."""

@@ -16,6 +16,9 @@ from typing import Sequence
 from .errors import UserError
 
 GIB = 2 ** 30
+# Largest image side and batch estimated (beyond any SDXL training run; the figures are exact integers anyway).
+MAX_RESOLUTION = 16384
+MAX_BATCH = 4096
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Bytes per element, measured on the CPU: a stored outlier mask; the scratch of taking one layer's gradient on a
 # channel slice (float32 work, the mask pass, widening of half-precision maps), by item size and masking.
@@ -246,10 +249,11 @@ def render(estimate: Estimate, settings: str) -> str:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    """Print the estimate for the given settings."""
-    for name in ("resolution", "batch", "chunk"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    """Print the estimate for the given settings (the argument types bound every number)."""
+    if args.vae not in ("tiny", "sdxl"):
+        from .vae_io import vae_config
+
+        vae_config(args.vae)  # a missing or hostile config.json fails here, before torch is imported
     result = estimate_for(args.vae, resolution=args.resolution, batch=args.batch, blocks=args.blocks,
                           dtype=args.dtype, chunk=args.chunk, checkpointing=args.checkpointing, device=args.device,
                           outliers=not args.no_outliers)
@@ -261,13 +265,18 @@ def _estimate(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Register `lpl-plugin estimate`."""
+    from .cli_args import bounded_int
+    from .config import MAX_CHUNK
+
     p = subparsers.add_parser("estimate", help="expected peak memory of LPL on top of the trainer's")
-    p.add_argument("--resolution", type=int, default=1024, help="image side in pixels (latents are 1/8)")
-    p.add_argument("--batch", type=int, default=1, help="samples per LPL call")
-    p.add_argument("--blocks", type=int, default=4, help="lpl_num_blocks")
+    p.add_argument("--resolution", type=bounded_int(8, MAX_RESOLUTION, multiple_of=8), default=1024,
+                   help=f"image side in pixels, a multiple of 8 up to {MAX_RESOLUTION} (latents are 1/8)")
+    p.add_argument("--batch", type=bounded_int(1, MAX_BATCH), default=1,
+                   help=f"samples per LPL call (1 to {MAX_BATCH})")
+    p.add_argument("--blocks", type=bounded_int(0, 4), default=4, help="lpl_num_blocks (0 to 4)")
     p.add_argument("--dtype", default="bfloat16", choices=("auto", "float32", "bfloat16", "bf16", "float16",
                                                            "fp16", "fp32"), help="lpl_dtype")
-    p.add_argument("--chunk", type=int, default=1, help="lpl_chunk_size")
+    p.add_argument("--chunk", type=bounded_int(1, MAX_CHUNK), default=1, help=f"lpl_chunk_size (1 to {MAX_CHUNK})")
     p.add_argument("--checkpointing", default="auto", choices=("auto", "none", "resnet", "block"),
                    help="lpl_checkpointing ('auto' is estimated as 'none', its setting until memory runs out)")
     p.add_argument("--vae", default="sdxl", help="tiny, sdxl, or a diffusers VAE folder / config.json")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .config import FP16_FIX_VAE
 from .errors import UserError
-
-FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 
 class NonFiniteLPLError(UserError):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .arguments import check_config, check_vae
 from .config import LPLConfig
 from .diffusion import min_snr_weight, predict_z0, snr
 from .guard import NonFiniteGuard, finite_gradient
@@ -28,7 +29,8 @@ class LPLHook:
 
     def __init__(self, vae: nn.Module, config: LPLConfig, *, scaling_factor: float | None = None,
                  shift_factor: float | None = None, device: torch.device | str | None = None):
-        self.config = config
+        check_vae(vae, "LPLHook")
+        self.config = check_config(config, "LPLHook")
         self.loss = LatentPerceptualLoss(vae, config, scaling_factor, shift_factor, device=device)
         self.compat = config.lpl_compat == "diffusers"
         self.guard = NonFiniteGuard(config.lpl_max_bad_steps, self.loss.trunk.dtype, self.loss.trunk.device)

@@ -50,12 +50,13 @@ def preflight(path: str) -> None:
 
 def run(script: str, argv: Sequence[str]) -> None:
     """Check, install the adapter and run the script as `__main__` with `argv` as its arguments."""
-    from .patches import sd_scripts
+    from .patches.sd_scripts_seams import script_kind
 
-    kind = sd_scripts.script_kind(script)
+    kind = script_kind(script)
     config = config_file(argv)
     if config is not None:
-        preflight(config)
+        preflight(config)  # before torch or the adapter is imported: a bad config fails within a fraction of a second
+    from .patches import sd_scripts
     folder = str(Path(script).resolve().parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)

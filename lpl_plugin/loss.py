@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .arguments import check_config, check_device, check_latents, check_vae
 from .config import LPLConfig
 from .distances import layer_distance, layer_rules, prepare_target
 from .features import DecoderTrunk
@@ -122,7 +123,9 @@ class LatentPerceptualLoss(nn.Module):
                  shift_factor: float | None = None, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        self.config = config if config is not None else LPLConfig(use_lpl=True)
+        self.latent_channels = check_vae(vae, "LatentPerceptualLoss")
+        self.config = LPLConfig(use_lpl=True) if config is None else check_config(config, "LatentPerceptualLoss")
+        check_device(device, "LatentPerceptualLoss")
         self.compat = self.config.lpl_compat == "diffusers"
         vae_config = getattr(vae, "config", None)
         if scaling_factor is None:
@@ -175,9 +178,7 @@ class LatentPerceptualLoss(nn.Module):
 
     def forward(self, pred_latents: Tensor, target_latents: Tensor, *, with_layers: bool = False) -> LPLResult:
         """Per-sample LPL (B,), mean over layers, with the (B, 1 + num_blocks) breakdown when `with_layers`."""
-        if pred_latents.shape != target_latents.shape or pred_latents.dim() != 4:
-            raise ValueError(f"LPL needs pred and target latents of equal shape B x C x H x W, got "
-                             f"{tuple(pred_latents.shape)} and {tuple(target_latents.shape)}")
+        check_latents(pred_latents, target_latents, self.latent_channels, "LatentPerceptualLoss")
         state = self.state
         state.calls += 1
         target_latents = target_latents.detach()

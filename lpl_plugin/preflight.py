@@ -9,35 +9,20 @@ never weights, never a search.
 
 from __future__ import annotations
 
-import json
+import errno
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from .config import DEFAULT_NUM_TRAIN_TIMESTEPS, ConfigError, LPLConfig, Problem, is_lpl_key, show
-from .guard import FP16_FIX_VAE
-from .toml_io import config_from_toml, read_toml
+from .config import (DEFAULT_NUM_TRAIN_TIMESTEPS, FP16_FIX_VAE, ConfigError, LPLConfig, Problem, config_from_mapping,
+                     is_lpl_key)
+from .errors import FileError
+from .files import MAX_DEPTH, data_depth, is_dir, path_stat, read_json_object
+from .messages import show_path, show_value, shown, type_name
+from .toml_io import read_toml
 
-# Largest JSON / TOML file read from a folder or path a config names (real ones are a few kB).
-MAX_SIDE_FILE_BYTES = 1 << 20
-_LINE_COLUMN = re.compile(r":(\d+):(\d+)$")
-_LINE_KEY = re.compile(r"""^\s*\[*\s*([^\]=#]+?)\s*(?:\]|=|$)""")
-# Advice appended to the problems read_toml reports, by the start of their message.
-_FILE_ADVICE = {
-    "config file not found": "check the path (relative paths start at the current directory)",
-    "is a directory": "pass the trainer's .toml file itself",
-    "config file is not readable": "check the file's permissions",
-    "config file is not UTF-8": "save the file as UTF-8",
-}
 Report = Callable[[str, str], None]  # adds a problem: (key, message)
-_SYNTAX_ADVICE = {
-    "Cannot overwrite a value": "`{key}` is set twice in the same table (or as a value and a table); keep one",
-    "Cannot declare": "table `[{key}]` is declared twice; merge the two into one",
-    "Invalid value": "`{key}` has no valid value; write booleans as lower-case true/false and strings in quotes",
-    "Illegal character '\\n'": "close the quotes of `{key}`'s string on the same line",
-}
 
 
 @dataclass
@@ -63,23 +48,30 @@ def check_training_config(path: str | os.PathLike[str], *, num_train_timesteps: 
     """
     data, problems = read_toml(path)
     if data is None:
-        return Preflight(None, [_advise(problem, path) for problem in problems])
-    return check_training_mapping(data, str(path), num_train_timesteps=num_train_timesteps)
+        return Preflight(None, problems)
+    return check_training_mapping(data, show_path(path), num_train_timesteps=num_train_timesteps)
 
 
 def check_training_mapping(data: Mapping[str, Any], source: str, *,
                            num_train_timesteps: int | None = None) -> Preflight:
     """The checks of check_training_config on parsed TOML data or a flat mapping of the host's arguments.
 
-    Keys whose value is None (argparse's unset options) count as absent.
+    Keys whose value is None (argparse's unset options) count as absent. `source` is shown as given (escape it
+    with messages.show_path when it comes from a user).
     """
+    if not isinstance(data, Mapping):
+        return Preflight(None, [Problem(source, "", f"expected a mapping of settings, got {type_name(data)}")])
+    depth = data_depth(data)
+    if depth > MAX_DEPTH:
+        return Preflight(None, [Problem(source, "", f"settings nest {depth} levels deep or refer to themselves (at "
+                                        f"most {MAX_DEPTH} levels are read)")])
     data = {key: value for key, value in data.items() if value is not None}
     if _is_dataset_config(data):
         return _dataset_config(data, source)
-    config, problems = config_from_toml(data, source=source)
+    config, problems = config_from_mapping(data, source=source)
     stray = [_stray(source, location, key, nested) for location, key, nested in _unread_lpl_keys(data)]
     if stray:  # an [[lpl]] array is also reported by name as a misspelt key: keep the precise message only
-        arrays = {key for key, value in data.items() if isinstance(value, list)}
+        arrays = {str(key) for key, value in data.items() if isinstance(value, list)}
         problems = [p for p in problems if p.key not in arrays] + stray
     host = _host_values(data)
     problems += _referenced_dataset_config(host, source)
@@ -102,8 +94,8 @@ def _host_values(data: Mapping[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            flat.update(value)
-        else:
+            flat.update((k, v) for k, v in value.items() if isinstance(k, str))
+        elif isinstance(key, str):
             flat[key] = value
     return flat
 
@@ -122,7 +114,7 @@ def _lpl_keys(value: Any, location: str) -> Iterator[tuple[str, str, int]]:
                 if is_lpl_key(key) and not isinstance(inner, dict):
                     yield where, key, depth
                 if isinstance(inner, (dict, list)):
-                    name = f"{where}.{key}" if where else key
+                    name = f"{where}.{key}" if where else str(key)
                     yield from walk(inner, name, depth + 1 if depth >= 0 and isinstance(inner, dict) else -1)
         elif isinstance(node, list):
             for item in node:
@@ -140,10 +132,11 @@ def _unread_lpl_keys(data: Mapping[str, Any]) -> Iterator[tuple[str, str, bool]]
 def _stray(source: str, location: str, key: str, in_array: bool) -> Problem:
     """The problem for an LPL key sd-scripts never reads."""
     if in_array:
-        return Problem(source, key, f"[[{location}]] `{key}` sits in an array of tables, which sd-scripts does not "
-                       "read as settings; write a plain [lpl] table (single brackets) or move it to the top level")
-    return Problem(source, key, f"[{location}] `{key}` is three or more tables deep; sd-scripts reads only the top "
-                   "level and one table, so move it to the top level or an [lpl] table")
+        return Problem(source, key, f"[[{shown(location)}]] `{shown(key)}` sits in an array of tables, which "
+                       "sd-scripts does not read as settings; write a plain [lpl] table (single brackets) or move it "
+                       "to the top level")
+    return Problem(source, key, f"[{shown(location)}] `{shown(key)}` is three or more tables deep; sd-scripts reads "
+                   "only the top level and one table, so move it to the top level or an [lpl] table")
 
 
 def _dataset_config(data: Mapping[str, Any], source: str) -> Preflight:
@@ -157,8 +150,8 @@ def _dataset_config(data: Mapping[str, Any], source: str) -> Preflight:
 
 def _in_dataset_config(source: str, where: str, key: str) -> Problem:
     """The problem for an LPL key in a dataset config."""
-    place = f"[{where}] " if where else ""
-    return Problem(source, key, f"{place}`{key}` is in a dataset config ([[datasets]]), where it does nothing: "
+    place = f"[{shown(where)}] " if where else ""
+    return Problem(source, key, f"{place}`{shown(key)}` is in a dataset config ([[datasets]]), where it does nothing: "
                    "sd-scripts reads LPL keys only from the training config (--config_file); move it there")
 
 
@@ -167,14 +160,16 @@ def _referenced_dataset_config(host: Mapping[str, Any], source: str) -> list[Pro
     named = host.get("dataset_config")
     if not isinstance(named, str) or not named:
         return []
-    path = Path(named)
-    if not _small_file(path):
-        return []
-    data, _ = read_toml(path)
-    if data is None:
-        return []
-    return [_in_dataset_config(f"{source}: `dataset_config` {named}", where, key)
-            for where, key, _ in _lpl_keys(data, "")]
+    try:
+        path_stat(named)
+    except FileError as error:
+        if error.errno == errno.ENOENT:  # sd-scripts reports a missing dataset config itself
+            return []
+    data, problems = read_toml(named)
+    if data is None:  # the problem's source is the dataset config's path (with :line:column for syntax errors)
+        return [Problem(f"{source}: `dataset_config` {p.source}", "dataset_config", p.message) for p in problems]
+    where = f"{source}: `dataset_config` {show_path(named)}"
+    return [_in_dataset_config(where, place, key) for place, key, _ in _lpl_keys(data, "")]
 
 
 # -- the rest of the run -----------------------------------------------------------------------------------------
@@ -193,19 +188,21 @@ def _check_context(config: LPLConfig, host: Mapping[str, Any], source: str, num_
 
     max_steps = _int_setting(host, "max_train_steps")
     if max_steps is not None and host.get("max_train_epochs") is None and config.lpl_start >= max_steps:
-        problem("lpl_start", f"`lpl_start` = {config.lpl_start} is not below `max_train_steps` = {max_steps}, so "
-                "LPL would never apply in this run; lower lpl_start or set use_lpl = false")
+        problem("lpl_start", f"`lpl_start` = {config.lpl_start} is not below `max_train_steps` = "
+                f"{show_value(max_steps)}, so LPL would never apply in this run; lower lpl_start or set use_lpl = "
+                "false")
     min_t = _int_setting(host, "min_timestep")
     if min_t is not None and min_t >= config.lpl_t_threshold:
         problem("lpl_t_threshold", f"`lpl_t_threshold` = {config.lpl_t_threshold} is not above `min_timestep` = "
-                f"{min_t}, so no sample is ever below the threshold and LPL never applies; raise lpl_t_threshold "
-                "or lower min_timestep")
+                f"{show_value(min_t)}, so no sample is ever below the threshold and LPL never applies; raise "
+                "lpl_t_threshold or lower min_timestep")
     vae_key, vae_dir, vae_config = _named_vae(host, result, source)
     model = _local_dir(host.get("pretrained_model_name_or_path"))
     steps, steps_file = _scheduler_steps(model, num_train_timesteps, result, source)
     if config.lpl_t_threshold > steps:
-        problem("lpl_t_threshold", f"`lpl_t_threshold` = {config.lpl_t_threshold} is beyond the scheduler's {steps} "
-                f"training timesteps{f' ({steps_file})' if steps_file else ''}; set it to at most {steps}")
+        problem("lpl_t_threshold", f"`lpl_t_threshold` = {config.lpl_t_threshold} is beyond the scheduler's "
+                f"{show_value(steps)} training timesteps{f' ({steps_file})' if steps_file else ''}; set it to at most "
+                f"{show_value(steps)}")
     if vae_config is not None:
         _check_vae(config, vae_key, vae_dir, vae_config, problem)
     if config.lpl_dtype == "float16":
@@ -215,15 +212,16 @@ def _check_context(config: LPLConfig, host: Mapping[str, Any], source: str, num_
 def _check_vae(config: LPLConfig, key: str, folder: Path, vae_config: Mapping[str, Any], problem: Report) -> None:
     """Whether the VAE's decoder has the up blocks LPL compares (read from its config.json)."""
     blocks = vae_config.get("up_block_types")
+    folder_text = show_path(folder)
     if not isinstance(blocks, list):
-        problem(key, f"`{key}` names {folder}, whose VAE has no decoder up blocks (its config.json lists no "
+        problem(key, f"`{key}` names {folder_text}, whose VAE has no decoder up blocks (its config.json lists no "
                 "up_block_types: not an AutoencoderKL); LPL needs an AutoencoderKL such as the SDXL VAE, or set "
                 "use_lpl = false")
     elif len(blocks) < config.lpl_num_blocks:
         has, fix = ("no decoder up blocks", "lpl_num_blocks = 0 (mid block only)") if not blocks else \
             (f"only {len(blocks)} decoder up blocks", f"lpl_num_blocks to at most {len(blocks)}")
         problem("lpl_num_blocks", f"`lpl_num_blocks` = {config.lpl_num_blocks} but the VAE named by `{key}` "
-                f"({folder}) has {has}; set {fix} or use the SDXL VAE")
+                f"({folder_text}) has {has}; set {fix} or use the SDXL VAE")
 
 
 def _check_float16(config: LPLConfig, host: Mapping[str, Any], vae_config: Mapping[str, Any] | None,
@@ -248,30 +246,22 @@ def _local_dir(value: Any) -> Path | None:
     """The folder a string setting names, when it is an existing local directory (no globbing, no ~ expansion)."""
     if not isinstance(value, str) or not value:
         return None
-    path = Path(value)
-    return path if path.is_dir() else None
+    return Path(value) if is_dir(value) else None
 
 
-def _small_file(path: Path) -> bool:
-    """Whether a path is a regular file small enough to be a config."""
-    try:
-        return path.is_file() and path.stat().st_size <= MAX_SIDE_FILE_BYTES
-    except OSError:
-        return False
+def _present(path: Path) -> bool:
+    """Whether anything at all is at a path (a broken or looping symbolic link counts: reading it says why)."""
+    return os.path.lexists(path)
 
 
 def _read_json(path: Path, key: str, result: Preflight, source: str) -> dict[str, Any] | None:
-    """A folder's JSON config, or None (absent; unreadable ones add a problem naming the key)."""
-    if not _small_file(path):
-        return None
+    """A folder's JSON config through the safe reader, or None (unreadable ones add a problem naming the key)."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        result.problems.append(Problem(source, key, f"`{key}` names a folder whose {path} is not a readable JSON "
-                                       f"config ({reason}); repair or replace that file"))
+        return read_json_object(path, what="a JSON config")
+    except FileError as error:
+        result.problems.append(Problem(source, key, f"`{key}` names a folder whose {error.path} is not a readable "
+                                       f"JSON config ({error.reason}); repair or replace that file"))
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _named_vae(host: Mapping[str, Any], result: Preflight,
@@ -284,7 +274,7 @@ def _named_vae(host: Mapping[str, Any], result: Preflight,
     candidates = [folder / "config.json", folder / "vae" / "config.json"] if key == "vae" else \
         [folder / "vae" / "config.json"]
     for path in candidates:
-        if _small_file(path):
+        if _present(path):
             return key, path.parent, _read_json(path, key, result, source)
     return key, None, None
 
@@ -296,35 +286,8 @@ def _scheduler_steps(model: Path | None, given: int | None, result: Preflight,
         return given, None
     if model is not None:
         path = model / "scheduler" / "scheduler_config.json"
-        data = _read_json(path, "pretrained_model_name_or_path", result, source)
+        data = _read_json(path, "pretrained_model_name_or_path", result, source) if _present(path) else None
         steps = data.get("num_train_timesteps") if data else None
         if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0:
-            return steps, str(path)
+            return steps, show_path(path)
     return DEFAULT_NUM_TRAIN_TIMESTEPS, None
-
-
-# -- advice for file-level problems -------------------------------------------------------------------------------
-
-def _advise(problem: Problem, path: str | os.PathLike[str]) -> Problem:
-    """A file-level problem from read_toml with what to do added (and, for syntax errors, the key on that line)."""
-    message = problem.message
-    for start, advice in _FILE_ADVICE.items():
-        if message.startswith(start):
-            return Problem(problem.source, problem.key, f"{message}; {advice}")
-    found = _LINE_COLUMN.search(problem.source)
-    if not message.startswith("malformed TOML") or not found:
-        return problem
-    try:
-        line = Path(path).read_text(encoding="utf-8").splitlines()[int(found.group(1)) - 1]
-    except (OSError, UnicodeDecodeError, IndexError):
-        return problem
-    if line.startswith("\ufeff"):
-        return Problem(problem.source, "", f"{message}; the file starts with a byte-order mark (BOM), which TOML "
-                       "does not allow: save it as UTF-8 without BOM")
-    key_match = _LINE_KEY.match(line)
-    key = key_match.group(1).strip() if key_match else ""
-    reason = message.removeprefix("malformed TOML: ")
-    advice = next((text for start, text in _SYNTAX_ADVICE.items() if reason.startswith(start)), None)
-    if advice is None or not key:
-        advice = f"fix the TOML syntax of this line: {show(line.strip()[:80])}"
-    return Problem(problem.source, key, f"{message}; {advice.format(key=key)}")

@@ -6,6 +6,7 @@ import argparse
 from importlib import resources
 
 from .errors import UserError
+from .messages import show_value
 
 PACKAGE = "lpl_plugin.configs"
 SUFFIX = ".toml"
@@ -29,7 +30,7 @@ def preset_text(name: str) -> str:
     if name.endswith(SUFFIX):
         name = name[:-len(SUFFIX)]
     if name not in names:
-        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(names)}")
+        raise UserError(f"unknown preset {show_value(name)}; valid presets: {', '.join(names)}")
     return resources.files(PACKAGE).joinpath(name + SUFFIX).read_text(encoding="utf-8")
 
 

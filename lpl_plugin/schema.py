@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any, Mapping
 
-from .config import ALIASES, LPLConfig, fields
-from .toml_io import config_from_toml
+from .cli_args import FALSE_WORDS, TRUE_WORDS, integer, number, parse_bool
+from .config import ALIASES, LPLConfig, choices, config_from_mapping, fields, kind
 
+__all__ = ["FALSE_WORDS", "TRUE_WORDS", "add_arguments", "json_schema", "namespace_options", "options", "parse_bool",
+           "validate"]
 _JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}
-TRUE_WORDS = ("true", "1", "yes", "on")
-FALSE_WORDS = ("false", "0", "no", "off")
 
 
 def options() -> list[dict[str, Any]]:
@@ -18,16 +18,16 @@ def options() -> list[dict[str, Any]]:
     default = LPLConfig()
     records = []
     for f in fields():
-        meta = f.metadata
+        meta, valid = f.metadata, choices(f.name)
         records.append({
             "name": f.name,
-            "type": _JSON_TYPES[f.type],
+            "type": _JSON_TYPES[kind(f.name)],
             "default": getattr(default, f.name),
             "minimum": meta["minimum"],
             "maximum": meta["maximum"],
             "exclusive_minimum": meta["exclusive_minimum"],
             "step": meta["step"],
-            "choices": list(meta["choices"]) if meta["choices"] else None,
+            "choices": list(valid) if valid else None,
             "help": meta["help"],
             "group": meta["group"],
             "only_when_enabled": f.name != "use_lpl",
@@ -63,41 +63,36 @@ def json_schema() -> dict[str, Any]:
 
 
 def validate(mapping: Mapping[str, Any], *, source: str = "") -> dict[str, list[str]]:
-    """Per-key error messages for a mapping of options (empty when valid); '' collects errors with no key."""
-    _, problems = config_from_toml(mapping, source=source)
+    """Per-key error messages for a mapping of options (empty when valid); '' collects errors with no key.
+
+    The same checks as LPLConfig's own (and the same one-line, escaped messages), so a form that validates here
+    builds an LPLConfig and writes a TOML that load_config reads back unchanged.
+    """
+    _, problems = config_from_mapping(mapping, source=source)
     errors: dict[str, list[str]] = {}
     for problem in problems:
         errors.setdefault(problem.key, []).append(problem.message)
     return errors
 
 
-def parse_bool(text: str) -> bool:
-    """A command-line boolean: true/false, 1/0, yes/no, on/off."""
-    lowered = str(text).strip().lower()
-    if lowered in TRUE_WORDS:
-        return True
-    if lowered in FALSE_WORDS:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Add `--use_lpl` and `--lpl_*` to a parser; each defaults to None so a TOML value is kept unless given."""
     group = parser.add_argument_group("Latent Perceptual Loss (lpl-plugin)")
     for record in options():
-        name, kind = record["name"], record["type"]
-        default_text = str(record["default"]).lower() if kind == "boolean" else record["default"]
+        name, value_type = record["name"], record["type"]
+        default_text = str(record["default"]).lower() if value_type == "boolean" else record["default"]
         text = f"{record['help']} (default: {default_text})".replace("%", "%%")  # argparse formats help with %
         existing = {a for action in parser._actions for a in action.option_strings}
         if f"--{name}" in existing:
             continue
-        if kind == "boolean":
+        if value_type == "boolean":
             group.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, default=None,
                                metavar="true|false", help=text)
         elif record["choices"]:
             group.add_argument(f"--{name}", choices=record["choices"], default=None, help=text)
         else:
-            group.add_argument(f"--{name}", type=int if kind == "integer" else float, default=None, help=text)
+            parse = integer if value_type == "integer" else number
+            group.add_argument(f"--{name}", type=parse, default=None, help=text)
     return group
 
 
@@ -105,4 +100,5 @@ def namespace_options(namespace: argparse.Namespace | Mapping[str, Any]) -> dict
     """The LPL options present (not None) in a parsed namespace or a flat mapping."""
     items = vars(namespace) if isinstance(namespace, argparse.Namespace) else dict(namespace)
     names = {record["name"] for record in options()} | set(ALIASES)
-    return {k: v for k, v in items.items() if (k in names or k.startswith("lpl_")) and v is not None}
+    return {k: v for k, v in items.items() if isinstance(k, str) and (k in names or k.startswith("lpl_"))
+            and v is not None}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .errors import UserError
+from .messages import show_path, shown
+from .vae_io import vae_config
 
 SDXL_SCALING_FACTOR = 0.13025
 SDXL_VAE_CHANNELS = (128, 256, 512, 512)
@@ -72,17 +73,11 @@ def random_vae(spec: str):
         return tiny_vae()
     if spec == "sdxl":
         return sdxl_vae()
-    path = Path(spec)
-    config = path if path.is_file() and path.suffix == ".json" else None
-    for folder in (path, path / "vae"):
-        if config is None and (folder / "config.json").is_file():
-            config = folder / "config.json"
-    if config is None:
-        raise UserError(f"--vae: {spec} is neither tiny, sdxl, a diffusers VAE folder nor its config.json "
-                        "(single-file SDXL VAEs share the sdxl layout: pass --vae sdxl)")
+    config, data = vae_config(spec)
     from diffusers import AutoencoderKL
 
     try:
-        return AutoencoderKL.from_config(AutoencoderKL.load_config(str(config.parent))).eval()
-    except Exception as error:
-        raise UserError(f"--vae: {config} is not an AutoencoderKL config ({type(error).__name__})") from None
+        return AutoencoderKL.from_config(data).eval()
+    except Exception as error:  # wrong types or sizes in the config: the user's to fix, in one line
+        raise UserError(f"--vae: {show_path(config)} is not a usable AutoencoderKL config ({type(error).__name__}: "
+                        f"{shown(str(error).strip().splitlines()[0] if str(error).strip() else '', 120)})") from None

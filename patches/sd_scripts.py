@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +28,10 @@ import torch
 from torch import Tensor
 
 from lpl_plugin.config import LPLConfig
+from lpl_plugin.errors import FileError, UserError
+from lpl_plugin.files import read_json_object
 from lpl_plugin.hook import LPLHook
+from lpl_plugin.messages import show_path, shown
 from lpl_plugin.preflight import check_training_mapping
 from lpl_plugin.registry import HookRegistry, LossContext
 from lpl_plugin.schema import add_arguments
@@ -315,17 +319,18 @@ def resumed_state(folder: Path) -> tuple[int, dict[str, Any]]:
     """Optimizer steps and hook counters of a saved state: the plugin's file, else train_state.json's steps, else 0."""
     for name, key in ((STATE_FILE, "optimizer_steps"), (HOST_STATE_FILE, "current_step")):
         path = folder / name
-        if path.is_file():
+        if os.path.lexists(path):
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                data = read_json_object(path, what="a state file")  # the safe reader (issue 12)
                 steps, hook = int(data[key]), dict(data.get("hook") or {}) if name == STATE_FILE else {}
-            except (ValueError, KeyError, TypeError, AttributeError, OSError) as error:
-                raise UnsupportedHost(str(folder), [f"{path} is unreadable ({type(error).__name__}: {error}); "
-                                                    "delete it to resume with the step count sd-scripts saved"])
-            log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, path.name)
+            except (UserError, ValueError, KeyError, TypeError, AttributeError) as error:
+                reason = error.reason if isinstance(error, FileError) else f"{type(error).__name__}: {shown(error)}"
+                raise UnsupportedHost(show_path(folder), [f"{show_path(path)} is unreadable ({reason}); delete it "
+                                                          "to resume with the step count sd-scripts saved"])
+            log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, show_path(path.name))
             return steps, hook
-    log.info("lpl-plugin: %s has no %s or %s; counting optimizer steps from 0 for lpl_start", folder, STATE_FILE,
-             HOST_STATE_FILE)
+    log.info("lpl-plugin: %s has no %s or %s; counting optimizer steps from 0 for lpl_start", show_path(folder),
+             STATE_FILE, HOST_STATE_FILE)
     return 0, {}
 
 

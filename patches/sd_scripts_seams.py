@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 from lpl_plugin.errors import UserError
+from lpl_plugin.files import is_file, read_text
+from lpl_plugin.messages import show_path
 
 # A parameter as a string: "name", "name=" (has a default), "*name" or "**name".
 Params = tuple[str, ...]
 SCRIPTS = {"sdxl_train_network.py": "lora", "sdxl_train.py": "full"}
 KIND_NAMES = {"lora": "LoRA", "full": "full fine-tune"}
+# Largest host source file read (sd-scripts' train_util.py is about 250 kB).
+MAX_SOURCE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -154,14 +158,15 @@ class SourceReader:
 
     def has_module(self, module: str) -> bool:
         """Whether the module's file exists."""
-        return self._path(module).is_file()
+        return is_file(self._path(module))
 
     def _tree(self, module: str) -> ast.Module | None:
         if module not in self._trees:
             path = self._path(module)
             try:
-                self._trees[module] = ast.parse(path.read_text(encoding="utf-8"), str(path))
-            except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+                self._trees[module] = ast.parse(read_text(path, limit=MAX_SOURCE_BYTES, what="a Python source file"),
+                                                str(path))
+            except (UserError, SyntaxError, ValueError, RecursionError, MemoryError):
                 self._trees[module] = None
         return self._trees[module]
 
@@ -259,12 +264,13 @@ def script_kind(script: str | Path) -> str:
     """"lora" or "full" for a supported sd-scripts SDXL script; UserError for anything else."""
     path = Path(script)
     kind = SCRIPTS.get(path.name)
+    shown = show_path(script)
     if kind is None:
         supported = ", ".join(f"{name} ({KIND_NAMES[k]})" for name, k in SCRIPTS.items())
-        raise UserError(f"{script}: LPL supports the sd-scripts SDXL trainers {supported}; other scripts (SD 1.x, "
+        raise UserError(f"{shown}: LPL supports the sd-scripts SDXL trainers {supported}; other scripts (SD 1.x, "
                         "SD3, FLUX, ControlNet) use other latents and losses and would train without LPL")
-    if not path.is_file():
-        raise UserError(f"{script}: no such file; pass the path of sd-scripts' {path.name}")
-    if not (path.resolve().parent / "library" / "train_util.py").is_file():
-        raise UserError(f"{script}: not inside an sd-scripts checkout (no library/train_util.py beside it)")
+    if not is_file(path):
+        raise UserError(f"{shown}: no such file; pass the path of sd-scripts' {path.name}")
+    if not is_file(path.resolve().parent / "library" / "train_util.py"):
+        raise UserError(f"{shown}: not inside an sd-scripts checkout (no library/train_util.py beside it)")
     return kind

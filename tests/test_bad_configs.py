@@ -82,9 +82,10 @@ def test_mapping_api_for_launchers_and_host_timesteps():
 
 def test_named_paths_are_not_searched(tmp_path):
     (tmp_path / "vae").mkdir()
-    os.mkfifo(tmp_path / "vae" / "config.json")  # a reader that opened it would block
+    os.mkfifo(tmp_path / "vae" / "config.json")  # a reader that opened it would block: refused, never opened
     flat = {"use_lpl": True, "lpl_num_blocks": 4}
-    assert check_training_mapping({**flat, "vae": str(tmp_path / "vae")}, "s").problems == []
+    (problem,) = check_training_mapping({**flat, "vae": str(tmp_path / "vae")}, "s").problems
+    assert "is a FIFO (named pipe), not a regular file" in problem.message and problem.key == "vae"
     assert check_training_mapping({**flat, "vae": "models/*"}, "s").problems == []  # no globbing
     deep = {**flat, "vae": "models"}  # a folder of VAE folders: not searched below its own config.json, vae/
     assert check_training_mapping(deep, "s").problems == []

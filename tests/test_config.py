@@ -54,7 +54,7 @@ def test_no_lpl_keys_means_off(tmp_path):
     ("lpl_weight = true", "`lpl_weight` must be a number, got true (boolean)"),
     ("lpl_t_threshold = 200.0", "`lpl_t_threshold` must be an integer, got 200.0 (float)"),
     ("lpl_num_blocks = 7", "`lpl_num_blocks` must be between 0 and 4, got 7"),
-    ("lpl_start = -1", "`lpl_start` must be at least 0, got -1"),
+    ("lpl_start = -1", "`lpl_start` must be between 0 and 1000000000, got -1"),
     ("lpl_weight = nan", "`lpl_weight` must be a finite number, got nan"),
     ("lpl_snr_gamma = 0", "`lpl_snr_gamma` must be greater than 0, got 0"),
     ('lpl_loss_type = "L2"', '`lpl_loss_type` must be one of "mse", "l1", got "L2"'),
@@ -88,7 +88,7 @@ def test_malformed_toml_names_line_and_column(tmp_path):
 
 
 def test_missing_file_and_non_utf8(tmp_path):
-    assert "config file not found" in str(check_file(tmp_path / "nope.toml")[1][0])
+    assert "nope.toml: not found; check the path" in str(check_file(tmp_path / "nope.toml")[1][0])
     path = tmp_path / "latin.toml"
     path.write_bytes(b"# caf\xe9\nuse_lpl = true\n")
     assert "not UTF-8" in str(check_file(path)[1][0])
@@ -111,3 +111,70 @@ def test_replace_validates():
 def test_valid_edge_cases(tmp_path):
     c = load_config(write(tmp_path, "use_lpl = true\nlpl_num_blocks = 0\nlpl_t_threshold = 1\nlpl_weight = 0\n"))
     assert (c.lpl_num_blocks, c.lpl_t_threshold, c.lpl_weight) == (0, 1, 0.0)
+
+
+def edge_values(name: str) -> list:
+    """Every valid edge of one option: both booleans, each choice, or its bounds and a value just inside them."""
+    from lpl_plugin.config import _FIELDS, choices, kind
+
+    valid = choices(name)
+    if kind(name) == "bool":
+        return [True, False]
+    if valid:
+        return list(valid)
+    meta = _FIELDS[name].metadata
+    low, high = meta["minimum"], meta["maximum"]
+    if kind(name) == "int":
+        return [low, low + 1, high - 1, high]
+    inside = low + 1e-9 if meta["exclusive_minimum"] else low
+    return [inside, 5e-324 + inside, 0.1 + 0.2, high / 3, high]
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(LPLConfig)])
+def test_render_round_trip_over_every_option_and_edge(tmp_path, name):
+    for value in edge_values(name):
+        config = LPLConfig(**{name: value})
+        for table, comments, only_changed in (("lpl", True, False), (None, False, False), ("training", False, True)):
+            text = render_toml(config, table=table, comments=comments, only_changed=only_changed)
+            assert load_config(write(tmp_path, text)) == config, (name, value, text)
+
+
+def test_the_constructor_checks_every_field_at_once():
+    with pytest.raises(ConfigError) as info:
+        LPLConfig(lpl_loss_type="l2", lpl_weight=float("nan"), lpl_chunk_size=0)
+    assert [p.key for p in info.value.problems] == ["lpl_weight", "lpl_loss_type", "lpl_chunk_size"]
+    assert LPLConfig(lpl_weight=2).lpl_weight == 2.0 and isinstance(LPLConfig(lpl_weight=2).lpl_weight, float)
+    numpy = pytest.importorskip("numpy")
+    config = LPLConfig(lpl_num_blocks=numpy.int64(2), lpl_weight=numpy.float32(1.5))
+    assert type(config.lpl_num_blocks) is int and type(config.lpl_weight) is float and config.lpl_num_blocks == 2
+    with pytest.raises(ConfigError, match="unknown option `lpl_wieght`"):
+        LPLConfig().replace(lpl_wieght=1.0)
+
+
+def test_choices_come_from_the_literal_types():
+    import argparse
+    import typing
+
+    from lpl_plugin import add_arguments, json_schema, options
+
+    hints = typing.get_type_hints(LPLConfig)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    for record in options():
+        hint = hints[record["name"]]
+        if typing.get_origin(hint) is typing.Literal:
+            assert record["choices"] == list(typing.get_args(hint))
+            assert json_schema()["properties"][record["name"]]["enum"] == record["choices"]
+            assert list(by_flag[f"--{record['name']}"].choices) == record["choices"]
+        else:
+            assert record["choices"] is None
+
+
+@pytest.mark.parametrize("table", ["lpl]\nlpl_weight = 100\n[x", "", "a b", "lpl_weight", "use_lpl", "lpl_enabled",
+                                   "[lpl]", "lpl.x", 3])
+def test_render_refuses_tables_that_are_not_safe_bare_keys(table):
+    from lpl_plugin.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="`table` must be a bare TOML key"):
+        render_toml(LPLConfig(), table=table)

@@ -129,7 +129,7 @@ def test_scaling_and_shift_factors(vae):
 
 def test_rejects_mismatched_shapes_and_too_many_blocks(vae):
     loss = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True))
-    with pytest.raises(ValueError, match="equal shape"):
+    with pytest.raises(ValueError, match="must have the same shape"):
         loss(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 6))
     with pytest.raises(UserError, match="lpl_num_blocks must be at most 2 .* got 3"):
         LatentPerceptualLoss(tiny_vae((8, 16)), LPLConfig(use_lpl=True, lpl_num_blocks=3))

@@ -192,7 +192,7 @@ def test_host_parser_gets_the_lpl_options_and_the_command_line_beats_the_toml(tm
 
 
 def test_bad_command_line_value_is_a_config_error(tmp_path):
-    with standin("v0_10_1"), pytest.raises(ConfigError, match="`lpl_weight` must be at least 0, got -1.0"):
+    with standin("v0_10_1"), pytest.raises(ConfigError, match="`lpl_weight` must be between 0 and 100, got -1.0"):
         start(tmp_path, cli=("--lpl_weight", "-1"))
 
 

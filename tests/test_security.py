@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import sys
 
@@ -91,3 +92,31 @@ def test_safetensors_folder_loads_and_ignores_a_pickle_beside_it(vae, tmp_path, 
         assert torch.equal(mine, theirs), name
     with pytest.raises(UserError, match="VAE folder not found"):
         load_vae(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("index_name, shard", [
+    ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin"),
+    ("diffusion_pytorch_model.safetensors.index.json", "../pickled_vae/diffusion_pytorch_model.bin"),
+    ("diffusion_pytorch_model.safetensors.index.fp16.json", "diffusion_pytorch_model.bin"),
+    ("diffusion_pytorch_model.safetensors.fp16.index.json", "diffusion_pytorch_model.bin"),
+])
+def test_an_index_naming_a_pickle_is_refused_before_diffusers_reads_it(vae, tmp_path, trap, index_name, shard):
+    sentinel, pickled = trap
+    folder = tmp_path / "indexed"
+    vae.save_pretrained(folder, safe_serialization=True)  # real weights too: diffusers would prefer the index
+    (folder / "diffusion_pytorch_model.bin").write_bytes((pickled / "diffusion_pytorch_model.bin").read_bytes())
+    weights = {name: shard for name in vae.state_dict()}
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weights}), encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        load_vae(folder)
+    assert "names the shard" in str(info.value) and "\n" not in str(info.value)
+    assert not sentinel.exists()
+
+
+def test_a_sharded_safetensors_folder_still_loads(vae, tmp_path):
+    folder = tmp_path / "sharded"
+    vae.save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    loaded = load_vae(folder)
+    for (name, mine), theirs in zip(loaded.state_dict().items(), vae.state_dict().values()):
+        assert torch.equal(mine, theirs), name

@@ -7,8 +7,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from ..cli_args import bounded_int, integer, number
 from ..config import LPLConfig
 from ..errors import UserError
+from ..messages import show_path
 from .settings import DEVICES, MIXED_PRECISION, OPTIMIZERS, DemoSettings, read_settings, resolve
 
 NEEDED = ("matplotlib", "tensorboard", "tqdm")
@@ -26,9 +28,9 @@ def _lpl_settings(path: str | None) -> tuple[LPLConfig, str]:
         print(line, file=sys.stderr)
     config = checked.raise_for_problems()
     if not config.use_lpl:
-        raise UserError(f"{path}: LPL is off (`use_lpl` is not true), but the demo compares runs with and without "
-                        "LPL; set `use_lpl = true`")
-    return config, str(path)
+        raise UserError(f"{show_path(path)}: LPL is off (`use_lpl` is not true), but the demo compares runs with and "
+                        "without LPL; set `use_lpl = true`")
+    return config, show_path(path)
 
 
 def _requested_processes() -> int | None:
@@ -101,7 +103,7 @@ def _set_threads(threads: int | None) -> None:
 
     if threads is None:
         given = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-        threads = int(given) if given.isdigit() and int(given) > 0 else 1
+        threads = int(given) if given.isdigit() and 0 < len(given) < 5 and int(given) > 0 else 1
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
@@ -109,10 +111,6 @@ def _set_threads(threads: int | None) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     """Train the tiny model with and without LPL and write the artifacts."""
-    from .pipeline import check_folder, run_demo
-    from .train import quiet_bitsandbytes
-
-    quiet_bitsandbytes()  # before anything imports it
     from .state import resume_point
 
     overrides = {k: getattr(args, k) for k in ("steps", "resolution", "batch_size", "seed", "learning_rate",
@@ -123,20 +121,27 @@ def _demo(args: argparse.Namespace) -> int:
     if args.resume is not None:
         out, checkpoint = resume_point(Path(args.resume))
         if args.out is not None and Path(args.out).resolve() != out.resolve():
-            raise UserError(f"--out {args.out} differs from the resumed demo's folder {out}; leave --out out")
+            raise UserError(f"--out {show_path(args.out)} differs from the resumed demo's folder {show_path(out)}; "
+                            "leave --out out")
         saved, saved_lpl, source = read_settings(out)
         lpl = saved_lpl
         if args.config is not None:
             lpl, source = _lpl_settings(args.config)
             changed = [k for k, v in lpl.lpl_items().items() if saved_lpl.lpl_items().get(k) != v]
             if changed:
-                raise UserError(f"--config {args.config} changes {', '.join(changed)} of the interrupted run; "
-                                "leave --config out to resume with its own settings")
+                raise UserError(f"--config {show_path(args.config)} changes {', '.join(changed)} of the interrupted "
+                                "run; leave --config out to resume with its own settings")
         settings = resolve(overrides, saved)
     else:
         out = Path(args.out) if args.out is not None else DEFAULT_OUT
         settings = resolve(overrides, None)
         lpl, source = _lpl_settings(args.config)
+    from .train import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # before anything imports it (settings and config are checked first: no torch for those)
+    from .pipeline import check_folder, run_demo
+
+    if args.resume is None:
         check_folder(out)
     _check_environment(settings)
     _set_threads(args.threads)
@@ -146,12 +151,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     if not PartialState().is_main_process:
         return status
+    shown = show_path(out)
     if status:
-        print(f"stopped; what was written is in {out}; continue with: lpl-plugin demo --resume {out}",
+        print(f"stopped; what was written is in {shown}; continue with: lpl-plugin demo --resume {shown}",
               file=sys.stderr)
     else:
-        print(f"done: {out}/losses.png, {out}/samples.png, {out}/summary.json; "
-              f"TensorBoard: tensorboard --logdir {out}/tensorboard")
+        print(f"done: {shown}/losses.png, {shown}/samples.png, {shown}/summary.json; "
+              f"TensorBoard: tensorboard --logdir {shown}/tensorboard")
     return status
 
 
@@ -165,21 +171,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "grids, TensorBoard logs and summary.json. Runs under `accelerate launch` as well.")
     p.add_argument("--out", help=f"output folder (default: ./{DEFAULT_OUT}/)")
     p.add_argument("--config", help="a TOML with use_lpl and lpl_* keys (default: the built-in recommended block)")
-    p.add_argument("--steps", type=int, help=f"optimizer steps per run (default: {d.steps})")
-    p.add_argument("--resolution", type=int, help=f"image side in pixels, a multiple of 32 (default: {d.resolution})")
-    p.add_argument("--batch-size", type=int, help=f"images per step and process (default: {d.batch_size})")
-    p.add_argument("--seed", type=int, help=f"seed of data, weights, noise and sampling (default: {d.seed})")
-    p.add_argument("--learning-rate", type=float, help=f"peak learning rate (default: {d.learning_rate})")
-    p.add_argument("--vae-steps", type=int, help=f"steps fitting the tiny VAE to the images (default: {d.vae_steps})")
+    p.add_argument("--steps", type=integer, help=f"optimizer steps per run (default: {d.steps})")
+    p.add_argument("--resolution", type=integer,
+                   help=f"image side in pixels, a multiple of 32 up to 1024 (default: {d.resolution})")
+    p.add_argument("--batch-size", type=integer, help=f"images per step and process (default: {d.batch_size})")
+    p.add_argument("--seed", type=integer, help=f"seed of data, weights, noise and sampling (default: {d.seed})")
+    p.add_argument("--learning-rate", type=number, help=f"peak learning rate (default: {d.learning_rate})")
+    p.add_argument("--vae-steps", type=integer,
+                   help=f"steps fitting the tiny VAE to the images (default: {d.vae_steps})")
     p.add_argument("--device", choices=DEVICES, help=f"where to train (default: {d.device})")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION,
                    help=f"accelerate's autocast for the UNet (default: {d.mixed_precision})")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
-                   help=f"adamw8bit (bitsandbytes; torch's AdamW where it cannot run) or adamw (default: {d.optimizer})")
-    p.add_argument("--save-every", type=int,
+                   help=f"adamw8bit (bitsandbytes; torch's AdamW where it cannot run) or adamw (default: "
+                        f"{d.optimizer})")
+    p.add_argument("--save-every", type=integer,
                    help="save a resumable state every N steps (default: 0, only when stopped by SIGTERM or Ctrl-C)")
     p.add_argument("--resume", metavar="DIR",
                    help="continue an interrupted demo: its --out folder (each run's latest state) or one checkpoint")
-    p.add_argument("--threads", type=int, help="CPU threads per process (default: $OMP_NUM_THREADS, else 1)")
+    p.add_argument("--threads", type=bounded_int(1, 1024),
+                   help="CPU threads per process (default: $OMP_NUM_THREADS, else 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,9 +15,11 @@ from typing import Any, Callable
 import torch
 
 from ..config import LPLConfig
-from ..errors import UserError
+from ..errors import FileError, UserError
+from ..files import is_file, path_stat, read_json_object
 from ..loss import LatentPerceptualLoss
 from ..tiny import SDXL_SCALING_FACTOR, tiny_unet
+from ..messages import show_path
 from ..toml_io import render_toml
 from .autoencoder import (build_vae, decode, encode, fit_vae, latent_std, load_vae, rescale_latents, save_vae,
                           solve_output_layer)
@@ -40,11 +45,18 @@ Say = Callable[[str], None]
 
 def check_folder(out: Path) -> bool:
     """Whether `out` holds an earlier demo to replace; UserError when it is a file or holds anything else."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / SETTINGS_FILE).is_file():
-            raise UserError(f"--out {out} is not empty and holds no earlier demo; pass an empty or new folder")
+    try:
+        found = path_stat(out)
+    except FileError as error:
+        if error.errno == errno.ENOENT:
+            return False
+        raise UserError(f"--out {error.path}: {error.reason}") from None
+    if not stat.S_ISDIR(found.st_mode):
+        raise UserError(f"--out {show_path(out)} is a file; pass a folder")
+    if any(out.iterdir()):
+        if not is_file(out / SETTINGS_FILE):
+            raise UserError(f"--out {show_path(out)} is not empty and holds no earlier demo; pass an empty or new "
+                            "folder")
         return True
     return False
 
@@ -65,7 +77,7 @@ def prepare_vae(out: Path, images: torch.Tensor, settings: DemoSettings, state: 
     """The main process fits the tiny VAE and saves it to `out/vae` (kept on resume); every process loads it."""
     folder = out / "vae"
     info_path = folder / "fit.json"
-    if state.is_main_process and not info_path.is_file():
+    if state.is_main_process and not is_file(info_path):
         vae = build_vae(settings.seed)
         losses = fit_vae(vae, images, settings.vae_steps, settings.seed)
         error = solve_output_layer(vae, images, settings.seed) if settings.vae_steps else None
@@ -75,13 +87,13 @@ def prepare_vae(out: Path, images: torch.Tensor, settings: DemoSettings, state: 
                 "reconstruction_mse": error}
         info_path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     state.wait_for_everyone()
-    return load_vae(folder), json.loads(info_path.read_text(encoding="utf-8"))
+    return load_vae(folder), read_json_object(info_path, what="the demo VAE's fit.json")
 
 
 def load_finished(run_dir: Path) -> dict[str, Any] | None:
     """The result of a run that completed before an interruption, if any."""
     path = run_dir / RESULT_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return read_json_object(path, what="a run result") if os.path.lexists(path) else None
 
 
 def finish_run(outcome: RunOutcome, run_dir: Path, evaluation: dict[str, float]) -> dict[str, Any]:
@@ -149,7 +161,7 @@ def run_demo(settings: DemoSettings, lpl: LPLConfig, lpl_source: str, out: Path,
 
     scenes = make_scenes(DATASET_SIZE, settings.seed)
     images = draw(scenes, settings.resolution)
-    fitted = (out / "vae" / "fit.json").is_file()
+    fitted = is_file(out / "vae" / "fit.json")
     tell(f"data: {DATASET_SIZE} generated {settings.resolution}px images; "
          + ("loading the fitted tiny VAE" if fitted else f"fitting the tiny VAE ({settings.vae_steps} steps) ..."))
     vae, vae_info = prepare_vae(out, images, settings, state)

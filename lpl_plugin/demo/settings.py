@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import LPLConfig
-from ..errors import UserError
+from ..errors import FileError, UserError
+from ..files import is_dir, read_json_object
+from ..messages import show_path, show_value, shown
 
 SETTINGS_FILE = "settings.json"
 DEVICES = ("cpu", "cuda")
@@ -17,6 +21,12 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw8bit", "adamw")
 # A resumed run keeps everything that decides its numbers; these may change between the two halves.
 MAY_CHANGE_ON_RESUME = ("steps", "save_every", "device", "progress")
+# Integer settings: (lowest, highest). The demo trains a tiny model on the CPU; the upper bounds keep a typo from
+# asking for hours of work or more memory than a machine has (resolution 1024 is already 256 times the default).
+INT_RANGES = {"steps": (1, 10 ** 6), "resolution": (32, 1024), "batch_size": (1, 1024), "seed": (0, 2 ** 32 - 1),
+              "vae_steps": (0, 10 ** 6), "save_every": (0, 10 ** 6)}
+CHOICES = {"device": DEVICES, "mixed_precision": MIXED_PRECISION, "optimizer": OPTIMIZERS}
+MAX_LEARNING_RATE = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,15 +53,26 @@ class DemoSettings:
     def check(self) -> "DemoSettings":
         """Raise UserError naming every bad option and the constraint it breaks."""
         problems = []
-        for name, low in (("steps", 1), ("batch_size", 1), ("save_every", 0), ("vae_steps", 0), ("seed", 0)):
+        for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
-            if value < low:
-                problems.append(f"{flag(name)} must be at least {low}, got {value}")
-        if self.resolution < 32 or self.resolution % 32:
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{flag(name)} must be an integer, got {show_value(value)}")
+            elif not low <= value <= high:
+                problems.append(f"{flag(name)} must be between {low} and {high}, got {show_value(value)}")
+        if isinstance(self.resolution, int) and self.resolution % 32:
             problems.append(f"{flag('resolution')} must be a multiple of 32 (the VAE downsamples 8x and the UNet "
-                            f"4x more), got {self.resolution}")
-        if not self.learning_rate > 0:
-            problems.append(f"{flag('learning_rate')} must be greater than 0, got {self.learning_rate}")
+                            f"4x more), got {show_value(self.resolution)}")
+        rate = self.learning_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= MAX_LEARNING_RATE \
+                or not math.isfinite(rate):
+            problems.append(f"{flag('learning_rate')} must be greater than 0 and at most {MAX_LEARNING_RATE:g}, got "
+                            f"{show_value(rate)}")
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid or not isinstance(getattr(self, name), str):
+                problems.append(f"{flag(name)} must be one of {', '.join(valid)}, got "
+                                f"{show_value(getattr(self, name))}")
+        if not isinstance(self.progress, bool):
+            problems.append(f"progress must be true or false, got {show_value(self.progress)}")
         if self.mixed_precision == "fp16" and self.device != "cuda":
             problems.append(f"{flag('mixed_precision')} fp16 needs --device cuda; use bf16 on the CPU")
         if problems:
@@ -78,8 +99,9 @@ def resolve(overrides: Mapping[str, Any], saved: Mapping[str, Any] | None) -> De
         return DemoSettings(**given).check()
     known = {f.name for f in dataclasses.fields(DemoSettings)}
     base = {k: v for k, v in saved.items() if k in known}
-    clashes = [f"{flag(k)} {v} differs from the interrupted run's {base[k]}; leave it out to resume, or start a new "
-               f"--out" for k, v in given.items() if k not in MAY_CHANGE_ON_RESUME and k in base and base[k] != v]
+    clashes = [f"{flag(k)} {show_value(v)} differs from the interrupted run's {show_value(base[k])}; leave it out to "
+               "resume, or start a new --out" for k, v in given.items()
+               if k not in MAY_CHANGE_ON_RESUME and k in base and base[k] != v]
     if clashes:
         raise UserError("\n".join(clashes))
     return DemoSettings(**{**base, **given}).check()
@@ -95,11 +117,18 @@ def read_settings(out: Path) -> tuple[dict[str, Any], LPLConfig, str]:
     """The saved settings, LPL settings and their source of an earlier demo in `out`; UserError if there is none."""
     path = out / SETTINGS_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        lpl = LPLConfig.from_mapping(data["lpl"], source=str(path))
-        return dict(data["settings"]), lpl, str(data.get("lpl_source", "built-in"))
-    except FileNotFoundError:
-        raise UserError(f"{out}: no earlier demo to resume here ({SETTINGS_FILE} not found); pass the --out "
-                        "folder of the interrupted run") from None
+        data = read_json_object(path, what="demo settings")
+        settings, lpl = data["settings"], LPLConfig.from_mapping(data["lpl"], source=show_path(path))
+        if not isinstance(settings, dict):
+            raise TypeError(f"settings is {show_value(settings)}, not a table")
+        return dict(settings), lpl, shown(str(data.get("lpl_source", "built-in")), 200)
+    except FileError as error:
+        if error.errno == errno.ENOENT or not is_dir(out):
+            raise UserError(f"{show_path(out)}: no earlier demo to resume here ({SETTINGS_FILE} not found); pass "
+                            "the --out folder of the interrupted run") from None
+        raise
+    except UserError:
+        raise
     except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: unreadable demo settings ({error}); start a new --out") from None
+        raise UserError(f"{show_path(path)}: unreadable demo settings ({type(error).__name__}: "
+                        f"{show_value(str(error))}); start a new --out") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -9,20 +10,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import FileError, UserError
+from ..files import is_dir, is_file, read_json_object
+from ..messages import show_path, show_value
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "demo_state.json"
 KEEP = 2
-_NAME = re.compile(r"^step-(\d+)$")
+_NAME = re.compile(r"^step-(\d{1,12})$")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run (those holding the state file), oldest first."""
     folder = run_dir / CHECKPOINTS
-    if not folder.is_dir():
+    if not is_dir(folder):
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and is_file(p / STATE_FILE)]
     return [p for _, p in sorted(found)]
 
 
@@ -60,20 +63,24 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     """The JSON state of a checkpoint; UserError when it is missing or unreadable."""
     path = checkpoint / STATE_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{checkpoint}: not a complete demo checkpoint ({STATE_FILE} is missing)") from None
-    except ValueError as error:
-        raise UserError(f"{path}: unreadable checkpoint state ({error})") from None
+        return read_json_object(path, what="a checkpoint state")
+    except FileError as error:
+        if error.errno == errno.ENOENT:
+            raise UserError(f"{show_path(checkpoint)}: not a complete demo checkpoint ({STATE_FILE} is missing)") \
+                from None
+        raise UserError(f"{error.path}: unreadable checkpoint state ({error.reason})") from None
 
 
 def load_checkpoint(accelerator: Any, checkpoint: Path, num_processes: int) -> dict[str, Any]:
     """Restore model, optimizer and RNG states into the prepared objects; returns the run's JSON state."""
     state = read_state(checkpoint)
-    saved = int(state.get("num_processes", 1))
+    saved = state.get("num_processes", 1)
+    if isinstance(saved, bool) or not isinstance(saved, int) or saved < 1:
+        raise UserError(f"{show_path(checkpoint)}: unreadable checkpoint state (num_processes is "
+                        f"{show_value(saved)}, not a positive integer)")
     if saved != num_processes:
-        raise UserError(f"{checkpoint}: written by {saved} process(es), resumed with {num_processes}; resume with "
-                        f"the same number of processes (accelerate launch --num_processes {saved})")
+        raise UserError(f"{show_path(checkpoint)}: written by {saved} process(es), resumed with {num_processes}; "
+                        f"resume with the same number of processes (accelerate launch --num_processes {saved})")
     accelerator.load_state(str(checkpoint))
     return state
 
@@ -82,5 +89,9 @@ def resume_point(path: Path) -> tuple[Path, Path | None]:
     """The demo folder and, when `path` is one checkpoint folder, that checkpoint (else None: each run's latest)."""
     if path.parent.name == CHECKPOINTS and _NAME.match(path.name):
         read_state(path)
-        return path.parents[3], path
+        parents = path.absolute().parents
+        if len(parents) < 4:  # out/runs/<run>/checkpoints/step-N
+            raise UserError(f"{show_path(path)}: a checkpoint folder must sit in OUT/runs/RUN/checkpoints/; pass the "
+                            "demo's --out folder instead")
+        return parents[3], path
     return path, None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
 import signal
 import sys
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LPLConfig
+from ..files import read_text
 from ..hook import LPLHook
 from ..registry import HookRegistry, LossContext
 from ..tiny import SDXL_SCALING_FACTOR, tiny_unet
@@ -30,6 +32,8 @@ WARMUP_STEPS = 10
 MAX_GRAD_NORM = 1.0
 LOG_STATS_EVERY = 10
 METRICS_FILE = "metrics.jsonl"
+# Largest metrics log read back on resume (one line of a few hundred bytes per step).
+MAX_METRICS_BYTES = 1 << 30
 # Scalars reduced across processes every step, in this order; per-layer LPL sums follow.
 _REDUCED = ("diffusion", "lpl_term", "lpl_sum", "gated", "stop")
 
@@ -134,9 +138,10 @@ def _parse(line: str) -> dict[str, float] | None:
     """One metrics line, or None for a blank line or one cut short by a killed process."""
     try:
         row = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return row if isinstance(row, dict) and "step" in row else None
+    ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+    return row if ok else None
 
 
 class MetricsLog:
@@ -145,8 +150,9 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until: int, enabled: bool):
         self.path = path
         self.rows: list[dict[str, float]] = []
-        if path.is_file():
-            self.rows = [r for r in map(_parse, path.read_text(encoding="utf-8").splitlines())
+        if os.path.lexists(path):
+            text = read_text(path, limit=MAX_METRICS_BYTES, what="a metrics log")
+            self.rows = [r for r in map(_parse, text.splitlines())
                          if r is not None and r["step"] <= keep_until]
         self.file = None
         if enabled:
