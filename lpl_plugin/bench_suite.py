@@ -76,11 +76,11 @@ def preset_rows(args: argparse.Namespace, cuda: bool) -> list[dict[str, Any]]:
     from .config import LPLConfig
     from .estimate import estimate_for
     from .presets import preset_names, preset_text
-    from .toml_io import tomllib
+    from .files import parse_toml
 
     rows = []
     for name in preset_names():
-        data = tomllib.loads(preset_text(name))
+        data = parse_toml(preset_text(name), f"preset {name}")
         config = LPLConfig.from_mapping(data, source=f"preset {name}")
         batch = int(data.get("train_batch_size", 1))
         dtype = config.lpl_dtype if cuda else "float32"  # bfloat16 convolutions are slow on most CPUs

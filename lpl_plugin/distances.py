@@ -61,7 +61,7 @@ def prepare_target(rule: LayerRule, y: Tensor) -> tuple[Tensor, Tensor | None]:
         return y, None
     assert rule.outlier_factor is not None
     mask = outlier_mask(y, rule.outlier_factor)
-    return (y * mask if rule.compat else torch.where(mask, y, 0.0)), mask
+    return y * mask, mask  # inf * 0 is NaN: a non-finite target value stays visible where the mask drops it
 
 
 def layer_distance(rule: LayerRule, x: Tensor, y: Tensor, mask: Tensor | None,
@@ -74,7 +74,7 @@ def layer_distance(rule: LayerRule, x: Tensor, y: Tensor, mask: Tensor | None,
     """
     x = widen(x)
     if mask is not None and not rule.compat:
-        x = torch.where(mask, x, 0.0)  # the reference masks only the target: outliers still shift x's own norm
+        x = x * mask  # the reference masks only the target: outliers still shift x's own norm (inf * 0 stays NaN)
     if rule.norm == "default":
         x = x / (channel_norm(x) + OWN_NORM_EPS)
         y = y / (channel_norm(y) + OWN_NORM_EPS)
@@ -92,7 +92,7 @@ def layer_distance(rule: LayerRule, x: Tensor, y: Tensor, mask: Tensor | None,
     if mask is None:
         per_channel = term.mean(dim=(2, 3))
     else:
-        per_channel = torch.where(mask, term, 0.0).sum(dim=(2, 3)) / kept_counts(mask).clamp_min(1)
+        per_channel = (term * mask).sum(dim=(2, 3)) / kept_counts(mask).clamp_min(1)
     return per_channel.mean(dim=1) * rule.weight
 
 
@@ -149,7 +149,8 @@ def layer_gradient(rule: LayerRule, x: Tensor, target: Tensor, scale: Tensor | N
         u = x[:, part].to(torch.float32 if x.dtype != torch.float64 else x.dtype, copy=True).sub_(target[:, part])
         if mask is None:
             kept = torch.full(u.shape[:2], u.shape[2] * u.shape[3], dtype=u.dtype, device=u.device)
-        else:
+        else:  # a non-finite value anywhere in the maps must reach the row, also where the mask drops it
+            poison = torch.linalg.vector_norm(u, ord=float("inf"), dim=(1, 2, 3)).mul_(0.0)
             u.masked_fill_(~mask, 0.0)
             kept = kept_counts(mask).to(u.dtype).clamp_min_(1)
         part_inverse = inverse if inverse.shape[1] == 1 else inverse[:, part]
@@ -162,6 +163,8 @@ def layer_gradient(rule: LayerRule, x: Tensor, target: Tensor, scale: Tensor | N
             sums = torch.linalg.vector_norm(u, ord=1, dim=(2, 3))
             u.sign_().mul_(coef[..., None, None])
         value = (coef * sums).sum(dim=1)
+        if mask is not None:
+            value.add_(poison)
         row = value if row is None else row.add_(value)
         if grad.dtype == u.dtype:
             torch.mul(u.mul_(part_inverse), factor, out=grad[:, part])

@@ -145,3 +145,34 @@ def test_steps_without_lpl_leave_the_streak_and_zero_never_stops():
         guard.check(3)
     NonFiniteGuard(0, torch.float16, torch.device("cpu")).check(10 ** 6)
     assert "the SDXL VAE overflows in float16" in stop_message(5, 5, torch.float16)
+
+
+@pytest.mark.parametrize("grad_mode", ["lean", "autograd"])
+@pytest.mark.parametrize("where", ["target", "prediction", "both"])
+def test_a_non_finite_value_hidden_by_the_outlier_mask_still_zeroes_its_sample(vae, grad_mode, where):
+    from lpl_plugin import LatentPerceptualLoss
+
+    engine = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_grad_mode=grad_mode, lpl_num_blocks=3))
+    poisoned = {"value": None}
+    calls = {True: 0, False: 0}  # per pass kind (prediction: with a graph); lean runs one sample per call
+
+    def poison(module, inputs, output):
+        """Sample 1 of a masked layer (up1) gets a NaN in one corner, in the chosen pass."""
+        with_grad = output.requires_grad
+        calls[with_grad] += 1
+        sample = 1 if output.shape[0] == 2 else (0 if calls[with_grad] == 2 else None)
+        if sample is not None and (where == "both" or (where == "prediction") == with_grad):
+            output = output.clone()
+            output[sample, 0, 0, 0] = float("nan")
+            poisoned["value"] = True
+        return output
+
+    engine.trunk.up_blocks[1].register_forward_hook(poison)
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 4, 8, 8, generator=g)
+    pred = (target + 0.3 * torch.randn(target.shape, generator=g)).requires_grad_(True)
+    result = engine(pred, target, with_layers=True)
+    result.per_sample.sum().backward()
+    assert poisoned["value"] and result.per_sample[1] == 0 and result.per_sample[0] > 0
+    assert torch.equal(pred.grad[1], torch.zeros_like(pred.grad[1])) and pred.grad[0].abs().sum() > 0
+    assert int(result.nonfinite) == 1
