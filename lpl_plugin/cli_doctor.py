@@ -86,14 +86,13 @@ def torch_report() -> list[str]:
 
 
 def _at_least(version: str, low: str) -> bool:
-    """Whether a release string is at least another (numeric parts only)."""
-    def parts(text: str) -> tuple[int, ...]:
-        out = []
-        for piece in text.split("+")[0].split(".")[:3]:
-            digits = "".join(c for c in piece if c.isdigit())
-            out.append(int(digits or 0))
-        return tuple(out)
-    return parts(version) >= parts(low)
+    """Whether an installed release is at least `low` (PEP 440, local tags such as +cu130 ignored)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version).release >= Version(low).release
+    except InvalidVersion:
+        return False
 
 
 def xformers_report() -> str:

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from .attention import choose_attention
 from .errors import VaeMismatch
-from .frozen import LeanResnet, LeanUpsample, freeze_layers
+from .frozen import LeanResnet, LeanUpsample, freeze_layers, frozen_backward_nodes
 
 log = logging.getLogger("lpl_plugin")
 
@@ -53,11 +53,22 @@ class _Recompute(torch.autograd.Function):
         return grad_x, None
 
 
+def release_output(x: Tensor) -> None:
+    """Free a stage output's values when its backward does not read them (a lean block's or recomputed stage's
+    output); the tensor stays usable as a graph root whose shape is all backward checks."""
+    if type(x.grad_fn) in _OUTPUT_FREE_NODES:
+        x.untyped_storage().resize_(0)
+
+
 def recompute(run: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """`run(x)`, recomputed in backward instead of kept (a plain call when no gradient is needed)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _Recompute.apply(x, run)
     return run(x)
+
+
+# Backward nodes that keep (at most) their input, never their output.
+_OUTPUT_FREE_NODES = (frozen_backward_nodes() + (_Recompute._backward_cls,))  # type: ignore[attr-defined]
 
 
 def _run_recomputing_resnets(stage: nn.Module, x: Tensor) -> Tensor:

@@ -295,3 +295,8 @@ def freeze_layers(module: nn.Module, exact_upsampling: bool = False) -> int:
                 setattr(parent, name, FrozenConv2d.from_conv(child))
                 swapped += 1
     return swapped
+
+
+def frozen_backward_nodes() -> tuple[type, ...]:
+    """The autograd node types of the lean layers, none of which reads its output in backward."""
+    return tuple(f._backward_cls for f in (_ConvFunction, _ResnetFunction, _UpsampleFunction))  # type: ignore

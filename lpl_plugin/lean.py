@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .distances import LayerRule, layer_gradient, prepare_target
-from .features import DecoderTrunk
+from .features import DecoderTrunk, release_output
 from .norms import channel_std, moment_sums
 from .tensors import widen
 
@@ -78,6 +78,7 @@ def lean_chunk(d: Decoding, pred: Tensor, target: Tensor, scales: list[Tensor] |
             rows.append(row)
             roots.append(h)
             grads.append(grad)
+        release_output(h)  # the last map has served its layer; earlier ones are the next stages' kept inputs
         del t, h
         torch.autograd.backward(roots, grads)
     del roots, grads
