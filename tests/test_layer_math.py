@@ -110,7 +110,8 @@ def test_gradient_matches_the_papers_definitions(vae, vae64, norm):
     torch.testing.assert_close(leaf.grad.double(), leaf64.grad, rtol=1e-3, atol=1e-6 * leaf64.grad.abs().max().item())
 
 
-@pytest.mark.parametrize("shape, factor", [((2, 5, 16, 12), 1), ((1, 3, 9, 7), 2), ((1, 4, 5, 6), 1), ((2, 2, 1, 8), 1)])
+@pytest.mark.parametrize("shape, factor", [((2, 5, 16, 12), 1), ((1, 3, 9, 7), 2), ((1, 4, 5, 6), 1),
+                                           ((2, 2, 1, 8), 1)])
 def test_outlier_mask_equals_quantiles_and_max_pool_morphology(shape, factor):
     g = torch.Generator().manual_seed(sum(shape))
     y = torch.randn(shape, generator=g) * torch.rand(shape[1], 1, 1, generator=g) * 4
@@ -127,4 +128,5 @@ def test_outlier_regions_are_masked_and_isolated_pixels_closed_over():
     y[..., 40, 40] = 50.0  # an isolated outlier pixel: the closing fills it back in, as in the paper
     mask = outlier_mask(y, 1)
     assert torch.equal(mask, paper_mask(y.double(), 1))
-    assert not mask[..., 9:16, 9:16].any() and mask[..., 8, 8:17].all() and mask[..., 40, 40].all() and mask[..., 30:35, 50:60].all()
+    assert not mask[..., 9:16, 9:16].any() and mask[..., 8, 8:17].all()  # the region, widened by the erosion
+    assert mask[..., 40, 40].all() and mask[..., 30:35, 50:60].all()

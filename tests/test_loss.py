@@ -87,11 +87,30 @@ def test_target_features_stay_out_of_the_graph(vae):
     assert target.grad is None and pred.grad is not None
 
 
-def test_post_quant_conv_changes_the_features(vae):
-    pred, target = latents()
-    with_pqc = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True))
-    without = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_compat="diffusers"))
-    assert not torch.allclose(with_pqc(pred, target).per_sample, without(pred, target).per_sample)
+def stage_outputs_of_decode(vae, z: torch.Tensor, through_post_quant_conv: bool) -> list[torch.Tensor]:
+    """Mid-block and up-block outputs captured from diffusers' own decoding of unscaled latents."""
+    captured = []
+    modules = [vae.decoder.mid_block, *vae.decoder.up_blocks]
+    handles = [m.register_forward_hook(lambda module, args, out: captured.append(out)) for m in modules]
+    try:
+        with torch.no_grad():
+            vae.decode(z).sample if through_post_quant_conv else vae.decoder(z)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@pytest.mark.parametrize("compat", ["none", "diffusers"])
+def test_features_are_those_of_diffusers_decode_path(vae, compat):
+    # The default mode decodes as diffusers does (post_quant_conv first); compat mode, like the reference, skips it.
+    _, target = latents()
+    engine = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_compat=compat))
+    want = stage_outputs_of_decode(vae, target / 0.13025, through_post_quant_conv=compat == "none")
+    got = engine.target_features(target)
+    assert len(got) == len(want) == 5
+    for mine, theirs in zip(got, want):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
 
 
 def test_vae_without_post_quant_conv():
@@ -112,6 +131,8 @@ def test_batch_norm_is_real_and_independent_of_chunking(vae):
     raw = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_norm_type="batch", lpl_compat="diffusers"))
     real = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_norm_type="batch", lpl_chunk_size=1))
     whole = LatentPerceptualLoss(vae, LPLConfig(use_lpl=True, lpl_norm_type="batch", lpl_chunk_size=4))
+    # The reference leaves 'batch' features raw; the real normalization divides by each channel's std over the batch
+    # (values against an independent implementation: tests/test_layer_math.py).
     assert not torch.allclose(raw(pred, target).per_sample, real(pred, target).per_sample)
     p1, p4 = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
     real(p1, target).per_sample.sum().backward()

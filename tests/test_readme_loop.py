@@ -37,3 +37,22 @@ def test_readme_example_trains_a_tiny_unet_with_lpl(vae, unet):
     assert float(logs["lpl/weighted"]) > 0 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in unet.parameters() if p.requires_grad)
+
+
+def test_readme_engine_example_runs_and_its_result_is_as_described(vae):
+    import json
+
+    import lpl_plugin
+
+    section = README.read_text(encoding="utf-8").split("### The engine on its own", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(2, 4, 8, 8, generator=g)
+    namespace = {"lpl_plugin": lpl_plugin, "vae": vae, "z0": z0,
+                 "z0_hat": (z0 + 0.3 * torch.randn(z0.shape, generator=g)).requires_grad_(True)}
+    exec(compile(code, "README.md (engine)", "exec"), namespace)
+    result = namespace["result"]
+    assert result.per_sample.shape == (2,) and result.layers.shape == (2, 5) and not result.skipped
+    assert int(result.nonfinite) == 0 and namespace["z0_hat"].grad.abs().sum() > 0
+    saved = json.loads(json.dumps(namespace["engine"].state.state_dict()))
+    assert saved["counters"]["calls"] == 1 and saved["learned"]["chunk_size"] == 1
