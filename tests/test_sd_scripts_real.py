@@ -22,7 +22,7 @@ from lpl_plugin.diffusion import predict_z0
 from lpl_plugin.loss import LatentPerceptualLoss
 from lpl_plugin.tiny import tiny_vae
 
-from .standin_fixtures import on_path
+from .standin_fixtures import hooks_off, on_path
 
 CHECKOUT = os.environ.get("LPL_SD_SCRIPTS_DIR")
 pytestmark = pytest.mark.skipif(not CHECKOUT, reason="set LPL_SD_SCRIPTS_DIR to an sd-scripts checkout")
@@ -115,15 +115,14 @@ def test_real_noise_helper_and_conditional_loss_add_the_specified_lpl(sd, tmp_pa
     run = Run(sd, tmp_path, cli=("--min_snr_gamma", "5"))
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     results = []
-    for config in (run.session.config, run.session.config.replace(use_lpl=False)):
-        run.session.config = config
-        torch.manual_seed(1)
-        weight = torch.zeros((), requires_grad=True)
-        loss, noisy, t, pred = run.step(latents, weight)
-        loss.sum().backward()
-        results.append((loss.detach(), weight.grad))
+    for off in (False, True):
+        with hooks_off(run.session, off):
+            torch.manual_seed(1)
+            weight = torch.zeros((), requires_grad=True)
+            loss, noisy, t, pred = run.step(latents, weight)
+            loss.sum().backward()
+            results.append((loss.detach(), weight.grad))
     (on, grad_on), (off, grad_off) = results
-    run.session.config = run.session.config.replace(use_lpl=True)
     z0_hat = predict_z0(pred.detach(), noisy, "epsilon", timesteps=t, alphas_cumprod=run.scheduler.alphas_cumprod)
     raw = LatentPerceptualLoss(run.vae, run.session.config, 0.13025)(z0_hat, latents)
     snr_weights = sd["library.custom_train_functions"].apply_snr_weight(torch.ones(2), t, run.scheduler, 5.0)
@@ -158,11 +157,11 @@ def test_real_process_batch_trains_with_lpl_and_validates_without(sd, tmp_path):
     losses = {}
     for is_train in (True, False):
         for on in (True, False):
-            run.session.config = run.session.config.replace(use_lpl=on)
-            torch.manual_seed(0)
-            losses[is_train, on] = trainer.process_batch(
-                batch, [None, None], unet, None, run.vae, run.scheduler, torch.float32, torch.float32,
-                run.accelerator, run.args, None, None, is_train=is_train, train_text_encoder=False).detach()
+            with hooks_off(run.session, not on):
+                torch.manual_seed(0)
+                losses[is_train, on] = trainer.process_batch(
+                    batch, [None, None], unet, None, run.vae, run.scheduler, torch.float32, torch.float32,
+                    run.accelerator, run.args, None, None, is_train=is_train, train_text_encoder=False).detach()
     assert losses[True, True] > losses[True, False]  # training: LPL added
     assert torch.equal(losses[False, True], losses[False, False])  # validation: untouched
     assert run.session.steps == 1
