@@ -405,3 +405,57 @@ def test_resume_restores_the_optimizer_step_count_and_tolerates_states_without_i
                 (state / "train_state.json").write_text(json.dumps({"current_epoch": 1, "current_step": 3}))
             else:
                 (state / "train_state.json").unlink(missing_ok=True)
+
+
+# -- the host's noise-level weights as one table ------------------------------------------------------------------
+
+WEIGHTED = {
+    "min-SNR": "min_snr_gamma = 5.0",
+    "min-SNR v-pred": "min_snr_gamma = 5.0\nv_parameterization = true",
+    "all four, v-pred": "v_parameterization = true\ndebiased_estimation_loss = true\nmin_snr_gamma = 2.0\n"
+                        "scale_v_pred_loss_like_noise_pred = true\nv_pred_like_loss = 0.3",
+    "debiased": "debiased_estimation_loss = true",
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHTED))
+def test_weight_table_gives_what_the_host_functions_give(tmp_path, case):
+    from lpl_plugin.patches.sd_scripts_weights import WeightTable
+
+    with standin("v0_10_1"):
+        h = start(tmp_path, host=WEIGHTED[case])
+        table, builds = WeightTable(), []
+        build = table.build
+        table.build = lambda *a: builds.append(1) or build(*a)  # a spy: counts the builds
+        for seed in range(3):
+            timesteps = torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(seed))
+            got = table(h.args, timesteps, h.scheduler)
+            torch.testing.assert_close(got, host_weights(h, timesteps, torch.ones(6)).float(), rtol=0, atol=0)
+        assert builds == [1] and table.table.shape == (1000,)
+        h.args.min_snr_gamma = 1.0  # other settings: a new table
+        table(h.args, timesteps, h.scheduler)
+        assert builds == [1, 1]
+
+
+def test_no_host_weights_no_table(tmp_path):
+    from lpl_plugin.patches.sd_scripts_weights import WeightTable
+
+    with standin("v0_9_1"):
+        h = start(tmp_path, "v0_9_1")
+        assert WeightTable()(h.args, torch.tensor([1, 2]), h.scheduler) is None
+
+
+# -- where the host starts ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cli, loader, first", [(("--initial_step", "3"), None, 3), (("--initial_epoch", "2"), 2, 2)],
+                         ids=["initial_step 3", "initial_epoch 2 of 2 steps"])
+def test_lpl_start_counts_from_the_step_the_host_starts_at(tmp_path, cli, loader, first):
+    with standin("v0_10_1"):
+        h = start(tmp_path, lpl=LPL_ON + "lpl_start = 4\n", host="max_train_steps = 10", cli=cli)
+        if loader:  # sd-scripts prepares its train loader; the adapter reads its length from accelerate's prepare
+            h.accelerator.prepare(torch.utils.data.DataLoader(list(range(4)), batch_size=loader))
+        applied = []
+        for _ in range(3):
+            host_step(h, torch.randn(2, 4, 8, 8), {"loss_weights": torch.ones(2)}, torch.zeros((), requires_grad=True))
+            applied.append("lpl/loss" in h.session.take_logs())
+        assert applied == [first + i >= 4 for i in range(3)] and h.session.steps == first + 3
