@@ -15,6 +15,7 @@ from .guard import NonFiniteLPLError
 from .gui import launch_command
 from .hook import LPLHook
 from .loss import LatentPerceptualLoss
+from .plugins import HostContext, load_plugin_hooks
 from .preflight import Preflight, check_training_config, check_training_mapping
 from .registry import ENTRY_POINT_GROUP, HookRegistry, HookResult, LossContext, registry
 from .schema import add_arguments, json_schema, options, validate
@@ -24,9 +25,9 @@ from .vae_io import load_vae
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ENTRY_POINT_GROUP", "HookRegistry", "HookResult", "LPLConfig", "LPLHook",
+    "ConfigError", "ENTRY_POINT_GROUP", "HookRegistry", "HookResult", "HostContext", "LPLConfig", "LPLHook",
     "LatentPerceptualLoss", "LossContext", "NonFiniteLPLError", "Preflight", "Problem", "UserError",
     "add_arguments", "check_training_config", "check_training_mapping", "json_schema", "launch_command",
-    "load_config", "load_vae", "min_snr_weight", "options", "predict_z0", "registry", "render_toml", "snr",
-    "validate",
+    "load_config", "load_plugin_hooks", "load_vae", "min_snr_weight", "options", "predict_z0", "registry",
+    "render_toml", "snr", "validate",
 ]

@@ -142,3 +142,31 @@ def test_hook_options_show_in_the_trainer_help(hooks_site, capsys, monkeypatch):
     assert "(installed: tv)" in " ".join(captured.out.split())
     assert captured.err.strip().splitlines() == [BROKEN]
     sys.modules.pop("lpl_tv_hook", None)
+
+
+def test_the_readme_hook_example_works():
+    import argparse
+    import re
+    import types
+
+    import torch
+
+    from lpl_plugin import HookRegistry, HostContext, LossContext
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Loss hooks from other packages", 1)[1]
+    source = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    example = types.ModuleType("tv_hook")
+    exec(compile(source, "README.md", "exec"), example.__dict__)
+    parser = argparse.ArgumentParser()
+    example.add_arguments(parser)
+    assert example.make_hook(HostContext(args=parser.parse_args([]))) is None
+    hook = example.make_hook(HostContext(args=parser.parse_args(["--tv_weight", "0.5"])))
+    registry = HookRegistry()
+    registry.register("tv", hook)
+    pred = torch.randn(3, 4, 8, 8)
+    applied = registry.apply(LossContext(latents=pred, noisy_latents=pred, timesteps=torch.zeros(3), model_pred=pred,
+                                         target=pred))
+    expected = (pred[..., 1:] - pred[..., :-1]).abs().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(applied.loss, 0.5 * expected)
+    assert set(applied.logs) == set(hook.log_names) == {"tv/loss"}
