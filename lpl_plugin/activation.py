@@ -85,7 +85,7 @@ def activate(script: str, argv: Sequence[str]) -> None:
             if asks:
                 raise UnsupportedHost(str(root), problems)
             return  # a release lpl-plugin does not know, and the run does not ask for LPL: leave it alone
-        sd_scripts.install(kind, layout=layout).exit_on_error = True
+        sd_scripts.install(kind, layout=layout).patcher.exit_on_error = True
     except UserError as error:
         sd_scripts.uninstall()
         refuse(error)

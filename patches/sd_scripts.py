@@ -15,9 +15,6 @@ so what the host ends up with is each hook's own term: LPL weighted by the host'
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,7 +23,6 @@ import torch
 from torch import Tensor
 
 from lpl_plugin.config import LPLConfig
-from lpl_plugin.errors import UserError
 from lpl_plugin.hook import LPLHook
 from lpl_plugin.plugins import (DISABLE_OPTION, HostContext, Plugin, add_plugin_arguments, disabled_names, discover,
                                 start_hooks, to_stderr)
@@ -35,8 +31,8 @@ from lpl_plugin.ranks import Reduced, agreed_int, reduce_logs, world_size
 from lpl_plugin.registry import HookRegistry, LossContext
 from lpl_plugin.schema import add_arguments
 
-from .on_import import OnImport
-from .sd_scripts_seams import KIND_NAMES, Layout, ModuleReader, UnsupportedHost, detect, refuse, script_kind  # noqa
+from .patcher import Patcher, Target
+from .sd_scripts_seams import KIND_NAMES, Layout, ModuleReader, UnsupportedHost, detect, script_kind
 from .sd_scripts_state import STATE_FILE, host_start_step, load_hook_states, resumed_state, save_state
 from .sd_scripts_weights import WeightTable
 
@@ -45,9 +41,6 @@ log = logging.getLogger("lpl_plugin")
 # sdxl_model_util.VAE_SCALE_FACTOR; single-file SDXL VAEs built by sd-scripts carry SD1's 0.18215 in vae.config.
 SDXL_LATENT_SCALE = 0.13025
 NUM_TRAIN_TIMESTEPS = 1000
-
-Body = Callable[[Callable[..., Any], tuple, dict, dict], Any]
-
 
 @dataclass
 class _Step:
@@ -72,16 +65,12 @@ class Session:
         self.steps = 0
         self.logs: dict[str, Tensor | float | Reduced] = {}
         self.plugins: list[Plugin] | None = None
-        self.exit_on_error = False  # the enabled path: user errors end the process with status 2, one line each
         self.weights = WeightTable()
         self.loader_length: int | None = None
         self._start_args: Any = None
         self._started = False
         self._step: _Step | None = None
-        self._patches: list[tuple[object, str, Any]] = []
-        self._wrappers: dict[int, Callable[..., Any]] = {}
-        self._busy: set[str] = set()
-        self._watch: OnImport | None = None
+        self.patcher = Patcher(self.targets())
 
     @property
     def active(self) -> bool:
@@ -100,10 +89,10 @@ class Session:
 
     # -- installing ------------------------------------------------------------------------------------------
 
-    def targets(self) -> list[tuple[tuple[str, ...], str, Body]]:
+    def targets(self) -> list[Target]:
         """(modules, function, body) of every wrapped host function; re-exports (v0.11 shims) share one wrapper."""
         both = lambda module: tuple(dict.fromkeys(("library.train_util", module)))  # noqa: E731
-        found: list[tuple[tuple[str, ...], str, Body]] = [
+        found: list[Target] = [
             (("library.sdxl_train_util",), "add_sdxl_training_arguments", self._on_add_arguments),
             (both(self.layout.args_module), "read_config_from_file", self._on_read_config),
             (both(self.layout.loss_module), "get_noise_noisy_latents_and_timesteps", self._on_noise),
@@ -115,69 +104,17 @@ class Session:
             found.append((("train_network",), "NetworkTrainer.generate_step_logs", self._on_step_logs))
         return found
 
-    def modules(self) -> list[str]:
-        """Every module holding a wrapped function."""
-        return list(dict.fromkeys(m for modules, _, _ in self.targets() for m in modules))
-
     def patch(self) -> None:
         """Import the host modules and wrap their functions now (the launcher)."""
-        for module in self.modules():
-            importlib.import_module(module)
-            self.patch_module(module)
+        self.patcher.patch()
 
     def patch_on_import(self) -> None:
         """Wrap each host module's functions the moment the script imports it (the enabled path)."""
-        self._watch = OnImport(self.modules(), self.patch_module).install()
-
-    def patch_module(self, module: str) -> None:
-        """Wrap the targets living in one (imported) module."""
-        loaded = importlib.import_module(module)
-        for modules, name, body in self.targets():
-            if module not in modules:
-                continue
-            owner: Any = loaded
-            *path, attr = name.split(".")
-            for part in path:
-                owner = getattr(owner, part)
-            current = getattr(owner, attr, None)
-            if current is None:  # a shim module without this re-export
-                continue
-            if getattr(current, "__lpl_session__", None) is self:  # bound to a wrapper already (v0.11 re-export)
-                self._patches.append((owner, attr, current.__wrapped__))
-                continue
-            wrapper = self._wrappers.setdefault(id(current), self._wrap(name, current, body))
-            setattr(owner, attr, wrapper)
-            self._patches.append((owner, attr, current))
+        self.patcher.patch_on_import()
 
     def unpatch(self) -> None:
         """Put every wrapped function back and stop watching imports."""
-        if self._watch is not None:
-            self._watch.remove()
-        for owner, attr, original in reversed(self._patches):
-            setattr(owner, attr, original)
-        self._patches.clear()
-
-    def _wrap(self, name: str, original: Callable[..., Any], body: Body) -> Callable[..., Any]:
-        """A wrapper binding the host's call by parameter name; a shim calling a wrapped original runs it once."""
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if name in self._busy:
-                return original(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            self._busy.add(name)
-            try:
-                return body(original, args, kwargs, bound.arguments)
-            except UserError as error:
-                if self.exit_on_error:
-                    refuse(error)
-                raise
-            finally:
-                self._busy.discard(name)
-        wrapper.__lpl_session__ = self  # type: ignore[attr-defined]
-        return wrapper
+        self.patcher.unpatch()
 
     # -- arguments and settings ------------------------------------------------------------------------------
 
@@ -251,25 +188,24 @@ class Session:
         self._wrap_accelerator(accelerator)
 
     def _wrap_accelerator(self, accelerator: Any) -> None:
-        """Full fine-tune: LPL scalars ride on accelerator.log; LoRA: remember the train loader's length."""
-        def wrap(attr: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-            original = getattr(accelerator, attr)
-            setattr(accelerator, attr, functools.wraps(original)(make(original)))
-            self._patches.append((accelerator, attr, original))
-
+        """Full fine-tune: the hooks' scalars ride on accelerator.log; LoRA: note the train loader's length."""
         if self.kind == "full":  # sdxl_train.py logs its step scalars with accelerator.log
-            wrap("log", lambda original: lambda values, *a, **k: original({**values, **self.take_logs()}, *a, **k))
+            self.patcher.replace(accelerator, "log", self._log_with_hooks)
         else:  # --initial_epoch counts epochs of the prepared train loader
-            def prepare(original: Callable[..., Any]) -> Callable[..., Any]:
-                def prepared(*objects: Any, **kwargs: Any) -> Any:
-                    result = original(*objects, **kwargs)
-                    loaders = [r for r in (result if isinstance(result, tuple) else (result,))
-                               if isinstance(r, torch.utils.data.DataLoader)]
-                    if loaders and self.loader_length is None:
-                        self.loader_length = len(loaders[0])
-                    return result
-                return prepared
-            wrap("prepare", prepare)
+            self.patcher.replace(accelerator, "prepare", self._prepare_noting_loader)
+
+    def _log_with_hooks(self, original: Callable[..., Any], values: dict, *args: Any, **kwargs: Any) -> Any:
+        """accelerator.log with the hooks' scalars added."""
+        return original({**values, **self.take_logs()}, *args, **kwargs)
+
+    def _prepare_noting_loader(self, original: Callable[..., Any], *objects: Any, **kwargs: Any) -> Any:
+        """accelerator.prepare, noting the length of the first data loader prepared (sd-scripts' train loader)."""
+        result = original(*objects, **kwargs)
+        loaders = [r for r in (result if isinstance(result, tuple) else (result,))
+                   if isinstance(r, torch.utils.data.DataLoader)]
+        if loaders and self.loader_length is None:
+            self.loader_length = len(loaders[0])
+        return result
 
     def _save_state(self, models: Any, weights: Any, output_dir: str) -> None:
         """accelerate save-state pre-hook: record the optimizer steps taken and the hooks' counters."""
@@ -278,8 +214,9 @@ class Session:
 
     def _load_state(self, models: Any, input_dir: str) -> None:
         """accelerate load-state pre-hook: restore the optimizer steps taken and the hooks' counters (optional)."""
-        self.steps, states = resumed_state(input_dir)
-        load_hook_states(self.registry, states)
+        with self.patcher.reporting():
+            self.steps, states = resumed_state(input_dir)
+            load_hook_states(self.registry, states)
 
     def take_logs(self) -> dict[str, float]:
         """The hooks' scalars since the last logging step, as floats (the only place they leave the device)."""

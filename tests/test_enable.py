@@ -233,7 +233,7 @@ def test_enabled_and_launched_installs_the_adapter_once(tmp_path):
         assert launch.main([str(folder / "sdxl_train_network.py"), "--config_file", str(config)]) == 0
         assert lpl_plugin_boot.armed() is None
         wrapped = sys.modules["library.train_util"].conditional_loss
-        assert hasattr(wrapped, "__lpl_session__") and not hasattr(wrapped.__wrapped__, "__lpl_session__")
+        assert hasattr(wrapped, "__lpl_patcher__") and not hasattr(wrapped.__wrapped__, "__lpl_patcher__")
     assert logs(tmp_path)[0]["lpl/applied_fraction"] == 1.0
 
 

@@ -284,7 +284,7 @@ def test_v0_11_shims_share_one_wrapper_and_add_lpl_once(tmp_path, enabled):
         h = start(tmp_path, "v0_11", enabled=enabled)
         loss_util, train_util = module("library.loss"), module("library.train_util")
         assert train_util.conditional_loss is loss_util.conditional_loss
-        assert not hasattr(train_util.conditional_loss.__wrapped__, "__lpl_session__")  # one wrapper, not two
+        assert not hasattr(train_util.conditional_loss.__wrapped__, "__lpl_patcher__")  # one wrapper, not two
         latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
         for helpers in (train_util, loss_util):
             torch.manual_seed(0)
