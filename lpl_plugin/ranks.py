@@ -47,6 +47,13 @@ def sum_over_ranks(value: Tensor) -> Tensor:
     return _all_reduce(value, dist.ReduceOp.SUM)
 
 
+def _scalar(value: Tensor | float, device: torch.device | str) -> Tensor:
+    """A float32 0-d tensor on `device`; a host number becomes a fill kernel, never a blocking host-to-device copy."""
+    if isinstance(value, Tensor):
+        return value.detach().to(device=device, dtype=torch.float32)
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
 def drop_if_any(term: Tensor, dropped_here: bool) -> Tensor:
     """`term`, or zeros on every process when any process dropped its term this step (no host read).
 
@@ -55,7 +62,7 @@ def drop_if_any(term: Tensor, dropped_here: bool) -> Tensor:
     """
     if world_size() == 1:
         return term
-    flag = max_over_ranks(torch.tensor(1.0 if dropped_here else 0.0, device=term.device))
+    flag = max_over_ranks(_scalar(1.0 if dropped_here else 0.0, term.device))
     return term * (1.0 - flag).to(term.dtype)
 
 
@@ -89,14 +96,13 @@ def reduce_logs(logs: Mapping[str, Tensor | float], names: Sequence[str], batch:
     up. Means over gated samples are weighted by `lpl/applied_fraction` x batch, other means by the batch size,
     counters are summed, as the demo does.
     """
-    gated = torch.as_tensor(logs.get(APPLIED, 0.0), dtype=torch.float32, device=device) * batch
+    gated = _scalar(logs.get(APPLIED, 0.0), device) * batch
     values, weights = [], []
     for name in names:
-        present = name in logs
         kind = rule(name)
-        weight = gated if kind == "gated" else torch.tensor(float(batch if kind == "batch" else 1), device=device)
-        weight = weight if present else torch.zeros((), device=device)
-        value = torch.as_tensor(logs.get(name, 0.0), dtype=torch.float32, device=device).detach()
+        weight = gated if kind == "gated" else _scalar(batch if kind == "batch" else 1, device)
+        weight = weight if name in logs else _scalar(0.0, device)
+        value = _scalar(logs.get(name, 0.0), device)
         values.append(value if kind == "sum" else value * weight)
         weights.append(weight)
     if not names:
