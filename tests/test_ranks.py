@@ -57,7 +57,8 @@ def test_guard_stop_on_one_rank_ends_every_rank_with_the_same_line(enabled, tmp_
     done = torchrun(enabled, config, {"LPL_STANDIN_TIMESTEPS": "900,10", "LPL_STANDIN_NAN_RANK": "1"})
     lines = [line for line in done.stderr.splitlines() if line.startswith("LPL was inf/NaN")]
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(STOP), done.stderr[-3000:]
-    assert done.stderr.count("exitcode  : 2") == 2  # both ranks ended with status 2 (torchrun's report)
+    # the first rank to exit makes torchrun end the other (whose line is already out), so only its status shows
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr
     assert "Connection closed" not in done.stderr and not (tmp_path / "out" / "model.safetensors").exists()
 
 
