@@ -1,8 +1,8 @@
 """A throw-away virtual environment in which `lpl-plugin enable` is run for real, for subprocess tests.
 
 The environment has no packages of its own: a `.pth` line adds this test environment's site-packages (with
-lpl-plugin, torch, diffusers, accelerate) through `site.addsitedir`, so their own `.pth` files (an editable install's
-finder) work too. `python -m lpl_plugin enable` run with its interpreter writes the activation file into its own
+lpl-plugin, torch, diffusers, accelerate) as `site.addsitedir` would, so their own `.pth` files (an editable install's
+finder) work too, except an activation file there: only `enable` in the throw-away environment turns LPL on. `python -m lpl_plugin enable` run with its interpreter writes the activation file into its own
 site-packages, exactly as in sd-scripts' venv; nothing outside the temporary folder is touched.
 """
 
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from safetensors import safe_open
+
+import lpl_plugin_boot
 
 # Sorts before lpl_plugin_activate.pth: site processes a folder's .pth files in name order.
 PARENT_PTH = "00_lpl_tests_parent_site.pth"
@@ -52,8 +54,13 @@ def make_env(folder: Path, *, with_parent: bool = True) -> Env:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
     env = Env(folder)
     if with_parent:
+        # as site.addsitedir(parent), less an activation file of the parent's own (a developer may have enabled it)
         parent = sysconfig.get_paths()["purelib"]
-        (env.purelib / PARENT_PTH).write_text(f"import site; site.addsitedir({parent!r})\n", encoding="utf-8")
+        (env.purelib / PARENT_PTH).write_text(  # no comprehension: site runs the line where names are locals
+            f"import functools, os, site, sys; sys.path.append({parent!r}); list(map(functools.partial("
+            f"site.addpackage, {parent!r}, known_paths=None), sorted(filter(lambda n: n.endswith('.pth') and n != "
+            f"{lpl_plugin_boot.PTH_NAME!r}, os.listdir({parent!r})))))\n",
+            encoding="utf-8")
         # accelerate's console script, as pip would write it into sd-scripts' venv (GUIs call it by path)
         script = folder / "bin" / "accelerate"
         script.write_text(f"#!{env.python}\nimport sys\nfrom accelerate.commands.accelerate_cli import main\n"
