@@ -26,8 +26,9 @@ from tests.enabled_env import Env, make_env, run
 CHECKOUT = os.environ.get("LPL_SD_SCRIPTS_DIR")
 WORK = os.environ.get("LPL_SD_SCRIPTS_E2E")
 LOCK = os.environ.get("LPL_SD_SCRIPTS_LOCK")
-pytestmark = pytest.mark.skipif(not (CHECKOUT and WORK), reason="set LPL_SD_SCRIPTS_DIR and LPL_SD_SCRIPTS_E2E "
-                                "(real SDXL runs: minutes each)")
+pytestmark = [pytest.mark.skipif(not (CHECKOUT and WORK), reason="set LPL_SD_SCRIPTS_DIR and LPL_SD_SCRIPTS_E2E "
+                                 "(real SDXL runs: minutes each)"),
+              pytest.mark.timeout(7200)]  # a run may wait for the lock, then take many minutes
 LPL = "[lpl]\nuse_lpl = true\nlpl_weight = 1.0\nlpl_t_threshold = 1000\nlpl_num_blocks = 2\n"
 ACCELERATE = ["launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
