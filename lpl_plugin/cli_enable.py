@@ -1,4 +1,4 @@
-"""`lpl-plugin enable` / `disable`: LPL in every sd-scripts SDXL run of this Python environment, or only via the launcher.
+"""`lpl-plugin enable` / `disable`: LPL in every sd-scripts SDXL run of this Python environment, or via the launcher.
 
 `enable` writes `lpl_plugin_activate.pth` into the site-packages this interpreter installs into
 (`sysconfig.get_paths()["purelib"]`), or into the user site-packages when lpl-plugin itself is a `pip install --user`

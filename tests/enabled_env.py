@@ -1,8 +1,9 @@
 """A throw-away virtual environment in which `lpl-plugin enable` is run for real, for subprocess tests.
 
 The environment has no packages of its own: a `.pth` line adds this test environment's site-packages (with
-lpl-plugin, torch, diffusers, accelerate) as `site.addsitedir` would, so their own `.pth` files (an editable install's
-finder) work too, except an activation file there: only `enable` in the throw-away environment turns LPL on. `python -m lpl_plugin enable` run with its interpreter writes the activation file into its own
+lpl-plugin, torch, diffusers, accelerate) as `site.addsitedir` would, so their own `.pth` files (an editable
+install's finder) work too, except an activation file there: only `enable` in the throw-away environment turns it on.
+`python -m lpl_plugin enable` run with its interpreter writes the activation file into its own
 site-packages, exactly as in sd-scripts' venv; nothing outside the temporary folder is touched.
 """
 
