@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the names below, for type checkers; at run time they are im
     from .gui import launch_command
     from .hook import LPLHook
     from .loss import LatentPerceptualLoss
+    from .plugins import HostContext, load_plugin_hooks
     from .preflight import Preflight, check_training_config, check_training_mapping
     from .registry import ENTRY_POINT_GROUP, HookRegistry, HookResult, LossContext, registry
     from .schema import add_arguments, json_schema, options, validate
@@ -33,7 +34,7 @@ _EXPORTS = {
     "ConfigError": "config", "LPLConfig": "config", "Problem": "config",
     "min_snr_weight": "diffusion", "predict_z0": "diffusion", "snr": "diffusion",
     "UserError": "errors", "NonFiniteLPLError": "guard", "launch_command": "gui", "LPLHook": "hook",
-    "LatentPerceptualLoss": "loss",
+    "LatentPerceptualLoss": "loss", "HostContext": "plugins", "load_plugin_hooks": "plugins",
     "Preflight": "preflight", "check_training_config": "preflight", "check_training_mapping": "preflight",
     "ENTRY_POINT_GROUP": "registry", "HookRegistry": "registry", "HookResult": "registry", "LossContext": "registry",
     "add_arguments": "schema", "json_schema": "schema", "options": "schema", "validate": "schema",
@@ -79,9 +80,9 @@ _sys.modules[__name__].__class__ = _Package
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "ENTRY_POINT_GROUP", "HookRegistry", "HookResult", "LPLConfig", "LPLHook",
+    "ConfigError", "ENTRY_POINT_GROUP", "HookRegistry", "HookResult", "HostContext", "LPLConfig", "LPLHook",
     "LatentPerceptualLoss", "LossContext", "NonFiniteLPLError", "Preflight", "Problem", "UserError",
     "add_arguments", "check_training_config", "check_training_mapping", "json_schema", "launch_command",
-    "load_config", "load_vae", "min_snr_weight", "options", "predict_z0", "registry", "render_toml", "snr",
-    "validate",
+    "load_config", "load_plugin_hooks", "load_vae", "min_snr_weight", "options", "predict_z0", "registry",
+    "render_toml", "snr", "validate",
 ]

@@ -14,7 +14,7 @@ from .errors import UserError
 
 # Modules that add subcommands: each defines `add_commands(subparsers)` and sets `func` on its parsers.
 COMMAND_MODULES = ("lpl_plugin.cli_config", "lpl_plugin.demo.cli", "lpl_plugin.cli_inspect", "lpl_plugin.bench",
-                   "lpl_plugin.cli_doctor", "lpl_plugin.presets", "lpl_plugin.estimate")
+                   "lpl_plugin.cli_doctor", "lpl_plugin.presets", "lpl_plugin.estimate", "lpl_plugin.cli_enable")
 
 
 def build_parser() -> argparse.ArgumentParser:

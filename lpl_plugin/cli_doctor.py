@@ -160,6 +160,9 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.sd_scripts:
         host, ok = sd_scripts_report(Path(args.sd_scripts))
         lines += host
+    from .cli_enable import report
+
+    lines += [report()]
     lines += torch_report() + [xformers_report(), bitsandbytes_report()]
     if args.config:
         config, fine = config_report(args.config)

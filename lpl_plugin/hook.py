@@ -14,6 +14,7 @@ from .diffusion import min_snr_weight, predict_z0, snr
 from .guard import NonFiniteGuard, finite_gradient
 from .loss import LatentPerceptualLoss
 from .precision import SCALE_FLOOR
+from .ranks import drop_if_any, max_over_ranks
 from .registry import HookResult
 
 log = logging.getLogger("lpl_plugin")
@@ -55,6 +56,22 @@ class LPLHook:
             log.warning("lpl-plugin: the resumed LPL state was saved with other settings (%s); this run keeps its "
                         "own settings and relearns what depends on them", "; ".join(changed))
 
+    # -- agreement across processes (lpl_plugin.ranks; no-ops with one process) ---------------------------------
+
+    def agreed_streak(self) -> Tensor:
+        """The guard's streak of bad evaluations, the largest over processes, so that all of them stop together."""
+        return max_over_ranks(self.guard.streak)
+
+    def log_names(self, log_stats: bool) -> list[str]:
+        """Every scalar this hook may log in a step, in a fixed order (the same on every process)."""
+        names = ["lpl/loss", "lpl/weighted", "lpl/applied_fraction"]
+        if log_stats:
+            names += [f"lpl/layer/{name}" for name in self.loss.trunk.stage_names]
+            names += ["lpl/nonfinite_samples", "lpl/nonfinite_steps", "lpl/oom_skips"]
+            if self.loss.state.loss_scale.active:
+                names.append("lpl/loss_scale")
+        return names
+
     def _gate(self, timesteps: Tensor, prediction_type: str,
               alphas_cumprod: Tensor | None) -> tuple[Tensor, int, int]:
         """Indices of the samples LPL applies to, read with the guard's streak and the float16 loss scale's floor
@@ -67,7 +84,7 @@ class LPLHook:
         gate = (timesteps < self.config.lpl_t_threshold).flatten()
         if prediction_type == "epsilon" and alphas_cumprod is not None:
             gate = gate & (alphas_cumprod.to(timesteps.device)[timesteps.long()].flatten() > 0)
-        streak, floor_hits = self.guard.streak, self.loss.state.loss_scale.floor_hits
+        streak, floor_hits = self.agreed_streak(), self.loss.state.loss_scale.floor_hits
         flags = torch.cat([gate.to(device=streak.device, dtype=torch.int64), streak.reshape(1),
                            floor_hits.to(streak.device).reshape(1)]).tolist()
         index = [i for i, flag in enumerate(flags[:-2]) if flag]
@@ -112,19 +129,21 @@ class LPLHook:
         logs: dict[str, Tensor | float] = {"lpl/applied_fraction": gated / batch}
         if gated == 0:
             logs["lpl/loss"] = 0.0
-            return HookResult(term, logs)
+            return HookResult(drop_if_any(term, False), logs)  # every process takes part in the same collectives
         pick = (lambda t: None if t is None else t[index]) if gated < batch else (lambda t: t)
         z0_hat = predict_z0(model_pred[index], noisy_latents[index], prediction_type, timesteps=timesteps[index],
                             alphas_cumprod=alphas_cumprod, sigmas=pick(sigmas))
         result = self.loss(finite_gradient(z0_hat, self.loss.state.zeroed), latents[index], with_layers=log_stats)
         per_sample = result.per_sample
-        if not result.skipped:  # an out-of-memory skip neither breaks nor extends a streak
+        skipped_here = result.skipped
+        if not skipped_here:  # an out-of-memory skip neither breaks nor extends a streak
             self.guard.record(result.nonfinite)
         weights = self.noise_level_weights(timesteps[index], prediction_type, alphas_cumprod, pick(sigmas),
                                            pick(noise_weights), snr_gamma)
         value = per_sample if weights is None else per_sample * weights.to(per_sample.device)
         share = batch / gated if self.compat else 1.0
         term = term.index_put((index,), value * (self.config.lpl_weight * share))
+        term = drop_if_any(term, skipped_here)  # any process skipped LPL for memory: all of them do this step
         logs["lpl/loss"] = per_sample.detach().mean()
         logs["lpl/weighted"] = term.detach().mean()
         if log_stats and result.layers is not None:

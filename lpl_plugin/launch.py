@@ -1,6 +1,7 @@
 """`lpl-launch SCRIPT ARGS...`: run sd-scripts' SDXL trainer as `__main__` with LPL hooked in, no file changed.
 
-Also `accelerate launch [accelerate options] -m lpl_plugin.launch SCRIPT ARGS...`. Order: check the TOML named by
+Also `accelerate launch [accelerate options] -m lpl_plugin.launch SCRIPT ARGS...`; the explicit way in where
+`lpl-plugin enable` is not wanted (it works enabled or not). Order: check the TOML named by
 `--config_file` (exit 2, one line per problem, before any model is loaded), put the script's folder on sys.path,
 install the sd-scripts adapter (which also adds `--use_lpl`/`--lpl_*` to the script's own parser), run the script.
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .activation import config_file, preflight
 from .errors import UserError
 
 USAGE = ("usage: lpl-launch SCRIPT [SCRIPT ARGS...]\n"
@@ -25,33 +27,13 @@ USAGE = ("usage: lpl-launch SCRIPT [SCRIPT ARGS...]\n"
          "come from its --config_file TOML (use_lpl, lpl_*) and --use_lpl/--lpl_* options (see SCRIPT --help).")
 
 
-def config_file(argv: Sequence[str]) -> str | None:
-    """The TOML path the host will read: the last `--config_file X` / `--config_file=X`, with `.toml` as it adds it."""
-    found = None
-    for i, arg in enumerate(argv):
-        if arg == "--config_file" and i + 1 < len(argv):
-            found = argv[i + 1]
-        elif arg.startswith("--config_file="):
-            found = arg.split("=", 1)[1]
-    if found is None:
-        return None
-    return found if found.endswith(".toml") else found + ".toml"
-
-
-def preflight(path: str) -> None:
-    """Check the TOML's LPL keys and their context; warnings go to stderr, problems raise ConfigError."""
-    from .preflight import check_training_config
-
-    checked = check_training_config(path)
-    for line in checked.warnings:
-        print(line, file=sys.stderr)
-    checked.raise_for_problems()
-
-
 def run(script: str, argv: Sequence[str]) -> None:
     """Check, install the adapter and run the script as `__main__` with `argv` as its arguments."""
     from .patches.sd_scripts_seams import script_kind
 
+    boot = sys.modules.get("lpl_plugin_boot")
+    if boot is not None:  # enabled in this environment too: this launcher installs the adapter, once
+        boot.disarm()
     kind = script_kind(script)
     config = config_file(argv)
     if config is not None:

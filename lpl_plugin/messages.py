@@ -11,7 +11,7 @@ import json
 import math
 import os
 import unicodedata
-from typing import Any
+from typing import Any, Iterable
 
 # Characters of user text a message keeps; longer text keeps its start, then "...", then how long it was.
 MAX_SHOWN = 80
@@ -103,26 +103,12 @@ def _toml_text(value: Any, limit: int, depth: int) -> str:
     if depth > 2:
         return "..."
     if isinstance(value, dict):
-        parts, size = [], 0
-        for key, inner in value.items():
-            name = shorten(key, limit // 2) if isinstance(key, str) else _toml_text(key, limit // 2, depth + 1)
-            part = f"{name} = {_toml_text(inner, limit // 2, depth + 1)}"
-            parts.append(part)
-            size += len(part) + 2
-            if size > limit and len(parts) < len(value):
-                parts.append(f"... ({len(value)} keys)")
-                break
-        return "{" + ", ".join(parts) + "}"
+        entries = (f"{shorten(key, limit // 2) if isinstance(key, str) else _toml_text(key, limit // 2, depth + 1)}"
+                   f" = {_toml_text(inner, limit // 2, depth + 1)}" for key, inner in value.items())
+        return "{" + _joined(entries, len(value), limit, "keys") + "}"
     if isinstance(value, (list, tuple)):
-        parts, size = [], 0
-        for inner in value:
-            part = _toml_text(inner, limit // 2, depth + 1)
-            parts.append(part)
-            size += len(part) + 2
-            if size > limit and len(parts) < len(value):
-                parts.append(f"... ({len(value)} items)")
-                break
-        return "[" + ", ".join(parts) + "]"
+        entries = (_toml_text(inner, limit // 2, depth + 1) for inner in value)
+        return "[" + _joined(entries, len(value), limit, "items") + "]"
     try:
         return shorten(repr(value), limit)
     except Exception:  # a hostile object's repr: name its type instead
@@ -139,3 +125,15 @@ def type_name(value: Any) -> str:
 def one_line(text: str) -> str:
     """A finished message line made safe for a terminal (a last guard; messages are built safe already)."""
     return escape(text)
+
+
+def _joined(entries: Iterable[str], count: int, limit: int, noun: str) -> str:
+    """Entries joined with commas, cut after about `limit` characters with a note of how many there were."""
+    parts, size = [], 0
+    for part in entries:
+        parts.append(part)
+        size += len(part) + 2
+        if size > limit and len(parts) < count:
+            parts.append(f"... ({count} {noun})")
+            break
+    return ", ".join(parts)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 log = logging.getLogger("lpl_plugin")
 
+# Third-party hooks advertise themselves here; lpl_plugin.plugins finds and starts them.
 ENTRY_POINT_GROUP = "lpl_plugin.hooks"
 
 
@@ -136,18 +137,6 @@ class HookRegistry:
             total = total + result.loss.float()
             logs.update(result.logs)
         return Applied(total, logs)
-
-    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[str]:
-        """Register third-party hooks advertised under an entry-point group; returns the names added."""
-        from importlib.metadata import entry_points
-
-        added = []
-        for point in entry_points(group=group):
-            if point.name in self._hooks:
-                continue
-            self.register(point.name, point.load())
-            added.append(point.name)
-        return added
 
 
 registry = HookRegistry()

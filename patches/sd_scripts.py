@@ -1,61 +1,46 @@
-"""sd-scripts adapter: LPL inside sdxl_train_network.py (LoRA) and sdxl_train.py (full fine-tune), no file changed.
+"""sd-scripts adapter: LPL and third-party loss hooks inside sdxl_train_network.py (LoRA) and sdxl_train.py (full
+fine-tune), no file changed.
 
 Thin by design: wrappers around the host's own functions capture what one training step sees (clean latents, the
 noisy latents the UNet got, timesteps, scheduler, model output), build a LossContext, call the hook registry (the
-built-in LPLHook as "lpl") and hand the result back in the host's shape. The math lives in lpl_plugin.hook.
+built-in LPLHook as "lpl" plus every hook of the `lpl_plugin.hooks` entry-point group) and hand the result back in the
+host's shape. The math lives in lpl_plugin.hook.
 
-Where LPL enters: inside `conditional_loss`, as a per-sample constant added to every element of the host's
-element-wise loss (or to its mean). The host then treats it like its own loss: masked loss scales it by the kept
-fraction of the image, `loss_weights` multiply it, and its noise-level weights (min-SNR, scale_v_pred,
-v_pred_like, debiased) multiply it. The adapter computes those noise-level weights with the host's own functions
-applied to ones and divides them out beforehand, so the LPL the host ends up with is the hook's term: weighted by
-the host's noise-level weights when `lpl_scale` is on, not weighted when it is off.
+Where the hooks' loss enters: inside `conditional_loss`, as a per-sample constant added to every element of the
+host's element-wise loss (or to its mean). The host then treats it like its own loss: masked loss scales it by the
+kept fraction of the image, `loss_weights` multiply it, and its noise-level weights (min-SNR, scale_v_pred,
+v_pred_like, debiased) multiply it. The adapter divides those noise-level weights out beforehand (sd_scripts_weights),
+so what the host ends up with is each hook's own term: LPL weighted by the host's weights when `lpl_scale` is on.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import inspect
-import json
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from lpl_plugin.config import LPLConfig
-from lpl_plugin.errors import FileError, UserError
-from lpl_plugin.files import read_json_object
 from lpl_plugin.hook import LPLHook
-from lpl_plugin.messages import show_path, shown
+from lpl_plugin.plugins import (DISABLE_OPTION, HostContext, Plugin, add_plugin_arguments, disabled_names, discover,
+                                start_hooks, to_stderr)
 from lpl_plugin.preflight import check_training_mapping
+from lpl_plugin.ranks import Reduced, agreed_int, reduce_logs, world_size
 from lpl_plugin.registry import HookRegistry, LossContext
 from lpl_plugin.schema import add_arguments
 
-from .sd_scripts_seams import Layout, ModuleReader, UnsupportedHost, detect, script_kind  # noqa: F401
+from .patcher import Patcher, Target
+from .sd_scripts_seams import KIND_NAMES, Layout, ModuleReader, UnsupportedHost, detect, script_kind
+from .sd_scripts_state import STATE_FILE, host_start_step, load_hook_states, resumed_state, save_state
+from .sd_scripts_weights import WeightTable
 
 log = logging.getLogger("lpl_plugin")
 
 # sdxl_model_util.VAE_SCALE_FACTOR; single-file SDXL VAEs built by sd-scripts carry SD1's 0.18215 in vae.config.
 SDXL_LATENT_SCALE = 0.13025
-STATE_FILE = "lpl_plugin_state.json"
-HOST_STATE_FILE = "train_state.json"
 NUM_TRAIN_TIMESTEPS = 1000
-# The host's per-sample noise-level weights: (argument, custom_train_functions function, its extra keywords).
-HOST_WEIGHTS: tuple[tuple[str, str, Callable[[Any, Any], dict[str, Any]]], ...] = (
-    ("min_snr_gamma", "apply_snr_weight", lambda a, v: {"gamma": v, "v_prediction": bool(a.v_parameterization)}),
-    ("scale_v_pred_loss_like_noise_pred", "scale_v_prediction_loss_like_noise_prediction", lambda a, v: {}),
-    ("v_pred_like_loss", "add_v_prediction_like_loss", lambda a, v: {"v_pred_like_loss": v}),
-    ("debiased_estimation_loss", "apply_debiased_estimation",
-     lambda a, v: {"v_prediction": bool(a.v_parameterization)}),
-)
-
-Body = Callable[[Callable[..., Any], tuple, dict, dict], Any]
-
 
 @dataclass
 class _Step:
@@ -69,7 +54,7 @@ class _Step:
 
 
 class Session:
-    """The adapter's state for one run: the effective settings, the LPL hook, the optimizer-step count, pending logs."""
+    """The adapter's state for one run: settings, hooks, the optimizer-step count and pending logs."""
 
     def __init__(self, layout: Layout, kind: str, registry: HookRegistry | None = None):
         self.layout, self.kind = layout, kind
@@ -78,22 +63,36 @@ class Session:
         self.accelerator: Any = None
         self.weight_dtype: torch.dtype | None = None
         self.steps = 0
-        self.logs: dict[str, Tensor | float] = {}
+        self.logs: dict[str, Tensor | float | Reduced] = {}
+        self.plugins: list[Plugin] | None = None
+        self.weights = WeightTable()
+        self.loader_length: int | None = None
+        self._start_args: Any = None
+        self._started = False
         self._step: _Step | None = None
-        self._patches: list[tuple[object, str, Any]] = []
-        self._busy: set[str] = set()
+        self.patcher = Patcher(self.targets())
 
     @property
     def active(self) -> bool:
         """Whether LPL is on for this run (known once the host has read its arguments)."""
         return self.config is not None and self.config.use_lpl
 
+    @property
+    def running(self) -> bool:
+        """Whether any hook (LPL or a third-party one) takes part in this run's training steps."""
+        return len(self.registry) > 0
+
+    @property
+    def host(self) -> str:
+        """The host as written in logs and HostContext."""
+        return f"sd-scripts {self.layout.releases}, {KIND_NAMES[self.kind]}"
+
     # -- installing ------------------------------------------------------------------------------------------
 
-    def patch(self) -> None:
-        """Wrap the host's functions; re-exports of one function (v0.11 shims) share one wrapper."""
+    def targets(self) -> list[Target]:
+        """(modules, function, body) of every wrapped host function; re-exports (v0.11 shims) share one wrapper."""
         both = lambda module: tuple(dict.fromkeys(("library.train_util", module)))  # noqa: E731
-        targets: list[tuple[tuple[str, ...], str, Body]] = [
+        found: list[Target] = [
             (("library.sdxl_train_util",), "add_sdxl_training_arguments", self._on_add_arguments),
             (both(self.layout.args_module), "read_config_from_file", self._on_read_config),
             (both(self.layout.loss_module), "get_noise_noisy_latents_and_timesteps", self._on_noise),
@@ -102,50 +101,36 @@ class Session:
             (("library.train_util",), "get_sai_model_spec", self._on_model_spec),
         ]
         if self.kind == "lora":
-            targets.append((("train_network",), "NetworkTrainer.generate_step_logs", self._on_step_logs))
-        for modules, name, body in targets:
-            wrappers: dict[int, Callable[..., Any]] = {}
-            for module in modules:
-                owner: Any = importlib.import_module(module)
-                *path, attr = name.split(".")
-                for part in path:
-                    owner = getattr(owner, part)
-                original = getattr(owner, attr, None)
-                if original is None:  # a shim module without this re-export
-                    continue
-                wrapper = wrappers.setdefault(id(original), self._wrap(name, original, body))
-                setattr(owner, attr, wrapper)
-                self._patches.append((owner, attr, original))
+            found.append((("train_network",), "NetworkTrainer.generate_step_logs", self._on_step_logs))
+        return found
+
+    def patch(self) -> None:
+        """Import the host modules and wrap their functions now (the launcher)."""
+        self.patcher.patch()
+
+    def patch_on_import(self) -> None:
+        """Wrap each host module's functions the moment the script imports it (the enabled path)."""
+        self.patcher.patch_on_import()
 
     def unpatch(self) -> None:
-        """Put every wrapped function back."""
-        for owner, attr, original in reversed(self._patches):
-            setattr(owner, attr, original)
-        self._patches.clear()
-
-    def _wrap(self, name: str, original: Callable[..., Any], body: Body) -> Callable[..., Any]:
-        """A wrapper binding the host's call by parameter name; a shim calling a wrapped original runs it once."""
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if name in self._busy:
-                return original(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            self._busy.add(name)
-            try:
-                return body(original, args, kwargs, bound.arguments)
-            finally:
-                self._busy.discard(name)
-        return wrapper
+        """Put every wrapped function back and stop watching imports."""
+        self.patcher.unpatch()
 
     # -- arguments and settings ------------------------------------------------------------------------------
 
     def _on_add_arguments(self, original, args, kwargs, bound):
-        """add_sdxl_training_arguments: also add --use_lpl / --lpl_* to the host's parser."""
+        """add_sdxl_training_arguments: also add --use_lpl / --lpl_* and the third-party hooks' options."""
         result = original(*args, **kwargs)
-        add_arguments(bound["parser"])
+        parser = bound["parser"]
+        add_arguments(parser)
+        if self.plugins is None:
+            self.plugins = discover(to_stderr)
+        if self.plugins:
+            group = parser.add_argument_group("Loss hooks (lpl-plugin)")
+            group.add_argument(f"--{DISABLE_OPTION}", default=None, metavar="NAME[,NAME]",
+                               help="turn these third-party loss hooks off for this run (installed: "
+                                    f"{', '.join(p.name for p in self.plugins)})")
+            self.plugins = add_plugin_arguments(self.plugins, parser, to_stderr)
         return result
 
     def _on_read_config(self, original, args, kwargs, bound):
@@ -161,62 +146,94 @@ class Session:
         self.config = checked.raise_for_problems()
         if self.active:
             c = self.config
-            log.info("lpl-plugin: LPL on (sd-scripts %s layout, %s): weight %s, t < %s, %d decoder blocks, from "
-                     "optimizer step %d", self.layout.name, self.kind, c.lpl_weight, c.lpl_t_threshold,
-                     c.lpl_num_blocks, c.lpl_start)
+            log.info("lpl-plugin: LPL on (%s): weight %s, t < %s, %d decoder blocks, from optimizer step %d",
+                     self.host, c.lpl_weight, c.lpl_t_threshold, c.lpl_num_blocks, c.lpl_start)
         return self.config
 
     # -- models, state and logging ---------------------------------------------------------------------------
 
     def _on_load_model(self, original, args, kwargs, bound):
-        """load_target_model: build the LPL hook from the VAE just loaded."""
+        """load_target_model: start the hooks with the VAE just loaded."""
         result = original(*args, **kwargs)
         if self.config is None:
             self.configure(bound["args"])
-        if self.active:
-            self.attach(_find_vae(result), bound["accelerator"], bound["weight_dtype"])
+        self.attach(_find_vae(result) if self.active else None, bound["accelerator"], bound["weight_dtype"],
+                    bound["args"], models=result)
         return result
 
-    def attach(self, vae: torch.nn.Module, accelerator: Any, weight_dtype: torch.dtype | None = None) -> None:
-        """Build the LPL hook from the host's VAE (a private frozen decoder copy on the training device)."""
+    def attach(self, vae: torch.nn.Module | None, accelerator: Any, weight_dtype: torch.dtype | None = None,
+               args: Any = None, *, models: Any = None) -> None:
+        """Start LPL (a private frozen decoder copy on the training device) and the third-party hooks of this run."""
         assert self.config is not None
-        hook = LPLHook(vae, self.config, scaling_factor=SDXL_LATENT_SCALE, shift_factor=0.0,
-                       device=accelerator.device)
-        self.registry.register("lpl", hook, replace=True)
-        self.accelerator, self.weight_dtype = accelerator, weight_dtype
+        self.accelerator, self.weight_dtype, self._start_args = accelerator, weight_dtype, args
+        if self.active:
+            assert vae is not None
+            hook = LPLHook(vae, self.config, scaling_factor=SDXL_LATENT_SCALE, shift_factor=0.0,
+                           device=accelerator.device)
+            self.registry.register("lpl", hook, replace=True)
+        if self.plugins and args is not None:
+            if vae is None and models is not None:
+                found = [m for m in (models if isinstance(models, (tuple, list)) else (models,)) if _is_vae(m)]
+                vae = found[0] if len(found) == 1 else None
+            host = HostContext(args=args, vae=vae, device=accelerator.device, accelerator=accelerator,
+                               host=self.host, weight_dtype=weight_dtype)
+            for name, hook in start_hooks(self.plugins, host, disabled_names(getattr(args, DISABLE_OPTION, None)),
+                                          to_stderr):
+                self.registry.register(name, hook, replace=True)
+                log.info("lpl-plugin: loss hook %s on", name)
+        if not self.running:
+            return
         accelerator.register_save_state_pre_hook(self._save_state)
         accelerator.register_load_state_pre_hook(self._load_state)
-        if self.kind == "full":  # sdxl_train.py logs its step scalars with accelerator.log
-            original = accelerator.log
+        self._wrap_accelerator(accelerator)
 
-            @functools.wraps(original)
-            def log_with_lpl(values: dict, *args: Any, **kwargs: Any) -> Any:
-                return original({**values, **self.take_logs()}, *args, **kwargs)
-            accelerator.log = log_with_lpl
-            self._patches.append((accelerator, "log", original))
+    def _wrap_accelerator(self, accelerator: Any) -> None:
+        """Full fine-tune: the hooks' scalars ride on accelerator.log; LoRA: note the train loader's length."""
+        if self.kind == "full":  # sdxl_train.py logs its step scalars with accelerator.log
+            self.patcher.replace(accelerator, "log", self._log_with_hooks)
+        else:  # --initial_epoch counts epochs of the prepared train loader
+            self.patcher.replace(accelerator, "prepare", self._prepare_noting_loader)
+
+    def _log_with_hooks(self, original: Callable[..., Any], values: dict, *args: Any, **kwargs: Any) -> Any:
+        """accelerator.log with the hooks' scalars added."""
+        return original({**values, **self.take_logs()}, *args, **kwargs)
+
+    def _prepare_noting_loader(self, original: Callable[..., Any], *objects: Any, **kwargs: Any) -> Any:
+        """accelerator.prepare, noting the length of the first data loader prepared (sd-scripts' train loader)."""
+        result = original(*objects, **kwargs)
+        loaders = [r for r in (result if isinstance(result, tuple) else (result,))
+                   if isinstance(r, torch.utils.data.DataLoader)]
+        if loaders and self.loader_length is None:
+            self.loader_length = len(loaders[0])
+        return result
 
     def _save_state(self, models: Any, weights: Any, output_dir: str) -> None:
-        """accelerate save-state pre-hook: record the optimizer steps taken and the hook's counters."""
+        """accelerate save-state pre-hook: record the optimizer steps taken and the hooks' counters."""
         if self.accelerator.is_main_process:
-            data = {"optimizer_steps": self.steps, "settings": self.config.lpl_items() if self.config else None,
-                    "hook": self.registry.get("lpl").state_dict()}
-            Path(output_dir, STATE_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            save_state(output_dir, self.steps, self.config, self.registry)
 
     def _load_state(self, models: Any, input_dir: str) -> None:
-        """accelerate load-state pre-hook: restore the optimizer steps taken and the hook's counters (optional)."""
-        self.steps, hook_state = resumed_state(Path(input_dir))
-        if hook_state:
-            self.registry.get("lpl").load_state_dict(hook_state)
+        """accelerate load-state pre-hook: restore the optimizer steps taken and the hooks' counters (optional)."""
+        with self.patcher.reporting():
+            self.steps, states = resumed_state(input_dir)
+            load_hook_states(self.registry, states)
 
     def take_logs(self) -> dict[str, float]:
-        """The LPL scalars since the last logging step, as floats (the only place they leave the device)."""
+        """The hooks' scalars since the last logging step, as floats (the only place they leave the device)."""
         logs, self.logs = self.logs, {}
-        return {key: float(value) for key, value in logs.items()}
+        out = {}
+        for key, value in logs.items():
+            if isinstance(value, Reduced):
+                if float(value.weight) > 0:
+                    out[key] = float(value.value)
+            else:
+                out[key] = float(value)
+        return out
 
     def _on_step_logs(self, original, args, kwargs, bound):
-        """NetworkTrainer.generate_step_logs: add the LPL scalars to the LoRA step logs."""
+        """NetworkTrainer.generate_step_logs: add the hooks' scalars to the LoRA step logs."""
         logs = original(*args, **kwargs)
-        if self.active and isinstance(logs, dict):
+        if self.running and isinstance(logs, dict):
             logs.update(self.take_logs())
         return logs
 
@@ -240,7 +257,7 @@ class Session:
     def _on_noise(self, original, args, kwargs, bound):
         """get_noise_noisy_latents_and_timesteps: remember what this step's UNet input is made of."""
         result = original(*args, **kwargs)
-        if self.active:
+        if self.running:
             if not isinstance(result, tuple) or len(result) != self.layout.noise_values:
                 count = len(result) if isinstance(result, tuple) else type(result).__name__
                 expected = f"{self.layout.noise_values} (sd-scripts {self.layout.releases})"
@@ -250,9 +267,9 @@ class Session:
         return result
 
     def _on_loss(self, original, args, kwargs, bound):
-        """conditional_loss: add LPL in training steps, in the host's shape."""
+        """conditional_loss: add the hooks' per-sample terms in training steps, in the host's shape."""
         loss = original(*args, **kwargs)
-        if not self.active:
+        if not self.running:
             return loss
         step, self._step = self._step, None
         pred = bound["model_pred"]
@@ -261,28 +278,38 @@ class Session:
         if step is None or tuple(step.latents.shape) != tuple(pred.shape):
             raise UnsupportedHost(_host_root(), ["conditional_loss was called in a training step without a matching "
                                                  "get_noise_noisy_latents_and_timesteps call before it"])
-        extra = self.lpl(step, pred, bound["target"])
+        extra = self.extra(step, pred, bound["target"])
         return add_per_sample(loss, extra, bound["reduction"], pred)
 
-    def lpl(self, step: _Step, pred: Tensor, target: Tensor) -> Tensor:
-        """The per-sample LPL to add inside conditional_loss, with the host's later noise-level weights divided out."""
-        if "lpl" not in self.registry:
-            raise UnsupportedHost(_host_root(), ["LPL is on but the VAE was never seen (sd-scripts did not load its "
-                                                 "models through sdxl_train_util.load_target_model)"])
+    def start(self, device: torch.device) -> None:
+        """At the first training step: count from the host's own start step, the same on every process."""
+        self._started = True
+        start = host_start_step(self._start_args, self.accelerator, self.loader_length)
+        if start is not None:
+            log.info("lpl-plugin: the host starts at optimizer step %d (--initial_step / --initial_epoch); "
+                     "lpl_start counts from there", start)
+            self.steps = start
+        self.steps = agreed_int(self.steps, device)
+
+    def extra(self, step: _Step, pred: Tensor, target: Tensor) -> Tensor:
+        """The hooks' per-sample terms to add inside conditional_loss, with the host's noise-level weights divided
+        out."""
         args = step.args
-        host = self.host_weights(args, step.timesteps, step.scheduler)
+        if not self._started:
+            self.start(pred.device)
+        host = self.weights(args, step.timesteps, step.scheduler)
         noisy = step.noisy_latents.detach()
         if self.weight_dtype is not None:  # the UNet gets noisy_latents.to(weight_dtype)
             noisy = noisy.to(self.weight_dtype)
+        tracking = bool(self.accelerator is not None and self.accelerator.log_with)  # the same on every process
         ctx = LossContext(
             latents=step.latents.detach(), noisy_latents=noisy, timesteps=step.timesteps, model_pred=pred,
             target=target.detach(), prediction_type="v_prediction" if getattr(args, "v_parameterization", False)
             else "epsilon", alphas_cumprod=step.scheduler.alphas_cumprod, noise_weights=host,
             snr_gamma=getattr(args, "min_snr_gamma", None) or None, step=self.steps, is_training=True,
-            log_stats=bool(self.accelerator is not None and len(self.accelerator.trackers) > 0),
-            num_train_timesteps=int(step.scheduler.config.num_train_timesteps))
+            log_stats=tracking, num_train_timesteps=int(step.scheduler.config.num_train_timesteps))
         applied = self.registry.apply(ctx)
-        self.logs.update(applied.logs)
+        self.logs.update(self.reduced(applied.logs, ctx.batch_size, tracking, pred.device))
         if self.accelerator is None or self.accelerator.sync_gradients:  # this micro-batch ends an optimizer step
             self.steps += 1
         if host is None:
@@ -291,17 +318,16 @@ class Session:
         safe = torch.where(host > 0, host, torch.ones_like(host))
         return torch.where(host > 0, applied.loss / safe, torch.zeros_like(host))
 
-    def host_weights(self, args: Any, timesteps: Tensor, scheduler: Any) -> Tensor | None:
-        """The host's per-sample noise-level weights, from its own functions applied to ones (None: it has none)."""
-        functions = importlib.import_module("library.custom_train_functions")
-        weights = None
-        for flag, name, options in HOST_WEIGHTS:
-            value = getattr(args, flag, None)
-            if value:
-                loss = weights if weights is not None else torch.ones(timesteps.shape[0], device=timesteps.device)
-                weights = getattr(functions, name)(loss=loss, timesteps=timesteps, noise_scheduler=scheduler,
-                                                   **options(args, value))
-        return None if weights is None else weights.detach().float()
+    def reduced(self, logs: dict[str, Any], batch: int, tracking: bool, device: torch.device) -> dict[str, Any]:
+        """With several processes, the scalars of every hook that names them, combined over processes."""
+        if world_size() == 1:
+            return logs
+        names: list[str] = []
+        for name in self.registry:
+            hook = self.registry.get(name)
+            listed = hook.log_names(tracking) if isinstance(hook, LPLHook) else getattr(hook, "log_names", ())
+            names += [n for n in listed if n not in names]
+        return {**logs, **reduce_logs(logs, names, batch, device)}
 
 
 def add_per_sample(loss: Tensor, extra: Tensor, reduction: str, pred: Tensor) -> Tensor:
@@ -315,29 +341,14 @@ def add_per_sample(loss: Tensor, extra: Tensor, reduction: str, pred: Tensor) ->
     raise UnsupportedHost(_host_root(), [f"conditional_loss was called with reduction={reduction!r}"])
 
 
-def resumed_state(folder: Path) -> tuple[int, dict[str, Any]]:
-    """Optimizer steps and hook counters of a saved state: the plugin's file, else train_state.json's steps, else 0."""
-    for name, key in ((STATE_FILE, "optimizer_steps"), (HOST_STATE_FILE, "current_step")):
-        path = folder / name
-        if os.path.lexists(path):
-            try:
-                data = read_json_object(path, what="a state file")  # the safe reader (issue 12)
-                steps, hook = int(data[key]), dict(data.get("hook") or {}) if name == STATE_FILE else {}
-            except (UserError, ValueError, KeyError, TypeError, AttributeError) as error:
-                reason = error.reason if isinstance(error, FileError) else f"{type(error).__name__}: {shown(error)}"
-                raise UnsupportedHost(show_path(folder), [f"{show_path(path)} is unreadable ({reason}); delete it "
-                                                          "to resume with the step count sd-scripts saved"])
-            log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, show_path(path.name))
-            return steps, hook
-    log.info("lpl-plugin: %s has no %s or %s; counting optimizer steps from 0 for lpl_start", show_path(folder),
-             STATE_FILE, HOST_STATE_FILE)
-    return 0, {}
+def _is_vae(model: Any) -> bool:
+    """Whether a model looks like an AutoencoderKL (a decoder with up blocks)."""
+    return hasattr(getattr(model, "decoder", None), "up_blocks")
 
 
 def _find_vae(models: Any) -> torch.nn.Module:
     """The AutoencoderKL among load_target_model's results."""
-    found = [m for m in (models if isinstance(models, (tuple, list)) else (models,))
-             if hasattr(getattr(m, "decoder", None), "up_blocks")]
+    found = [m for m in (models if isinstance(models, (tuple, list)) else (models,)) if _is_vae(m)]
     if len(found) != 1:
         raise UnsupportedHost(_host_root(), [f"load_target_model returned {len(found)} VAEs, expected 1"])
     return found[0]
@@ -351,19 +362,30 @@ def _host_root() -> str:
 _current: Session | None = None
 
 
-def install(kind: str, *, registry: HookRegistry | None = None) -> Session:
-    """Check the importable sd-scripts against the known layouts and wrap its functions; UnsupportedHost if none fits.
+def current() -> Session | None:
+    """The installed session, if any."""
+    return _current
 
-    `kind` is "lora" (sdxl_train_network.py) or "full" (sdxl_train.py); the checkout must be on sys.path.
+
+def install(kind: str, *, registry: HookRegistry | None = None, layout: Layout | None = None) -> Session:
+    """Wrap the host's functions for a script kind ("lora": sdxl_train_network.py, "full": sdxl_train.py).
+
+    Without `layout`, the importable sd-scripts (its checkout on sys.path) is checked against the known layouts and
+    patched now (UnsupportedHost if none fits). With a layout already detected from the checkout's source (the
+    enabled path), each module is patched as the script imports it.
     """
     global _current
     uninstall()
-    reader = ModuleReader()
-    layout, problems = detect(reader, kind)
     if layout is None:
-        raise UnsupportedHost(reader.root, problems)
-    session = Session(layout, kind, registry)
-    session.patch()
+        reader = ModuleReader()
+        layout, problems = detect(reader, kind)
+        if layout is None:
+            raise UnsupportedHost(reader.root, problems)
+        session = Session(layout, kind, registry)
+        session.patch()
+    else:
+        session = Session(layout, kind, registry)
+        session.patch_on_import()
     _current = session
     return session
 
@@ -374,3 +396,6 @@ def uninstall() -> None:
     if _current is not None:
         _current.unpatch()
         _current = None
+
+
+__all__ = ["STATE_FILE", "Session", "UnsupportedHost", "current", "install", "script_kind", "uninstall"]

@@ -13,9 +13,10 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, NoReturn, Protocol
 
 from lpl_plugin.errors import UserError
 from lpl_plugin.files import is_file, read_text
@@ -107,6 +108,14 @@ class UnsupportedHost(UserError):
         lines = [f"lpl-plugin cannot hook into the sd-scripts at {where}: {p}; LPL would not run, so the run is "
                  f"refused (see `lpl-plugin doctor --sd-scripts {where}`)" for p in problems]
         super().__init__("\n".join(lines))
+
+
+def refuse(error: UserError) -> NoReturn:
+    """End the process with status 2 after printing a user error one line per problem on stderr (no traceback)."""
+    for line in error.lines():
+        print(line, file=sys.stderr)
+    sys.stderr.flush()
+    raise SystemExit(2)
 
 
 class SignatureReader(Protocol):

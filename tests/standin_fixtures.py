@@ -77,6 +77,20 @@ def on_path(folder: Path) -> Iterator[Path]:
         sys.argv[:] = saved_argv
 
 
+@contextlib.contextmanager
+def hooks_off(session: Any, off: bool = True) -> Iterator[None]:
+    """The same session with no hook registered (as in a run without LPL), then its hooks back."""
+    from lpl_plugin.registry import HookRegistry
+
+    registry = session.registry
+    if off:
+        session.registry = HookRegistry()
+    try:
+        yield
+    finally:
+        session.registry = registry
+
+
 def module(name: str) -> Any:
     """A host module of the stand-in on sys.path."""
     return importlib.import_module(name)

@@ -27,3 +27,4 @@ def test_installed_files_include_patches_and_configs():
     names = {str(f) for f in dist.files or []}
     assert "lpl_plugin/patches/__init__.py" in names and "lpl_plugin/configs/__init__.py" in names
     assert "lpl_plugin/py.typed" in names
+    assert "lpl_plugin_boot.py" in names  # the top-level start-up hook of `lpl-plugin enable`

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lpl_plugin import HookRegistry, HookResult, LossContext
+from lpl_plugin.plugins import HostContext, load_plugin_hooks
 from lpl_plugin.registry import HookError
 
 
@@ -69,22 +70,25 @@ def test_bad_result_shape_is_reported():
         registry.apply(context())
 
 
-def test_entry_point_discovery(tmp_path, monkeypatch):
+def test_entry_point_hooks_start_with_the_host_context(tmp_path, monkeypatch):
     package = tmp_path / "thirdparty_hook.py"
     package.write_text(textwrap.dedent('''
-        import torch
-
-        def double_mean(latents):
-            return latents.flatten(1).mean(1) * 2
+        def make_hook(host):
+            if not host.args.get("double_mean"):
+                return None
+            return lambda latents: latents.flatten(1).mean(1) * 2
     '''))
     dist = tmp_path / "thirdparty_hook-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-hook\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[lpl_plugin.hooks]\ndouble_mean = thirdparty_hook:double_mean\n")
+    (dist / "entry_points.txt").write_text("[lpl_plugin.hooks]\ndouble_mean = thirdparty_hook\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    warnings: list[str] = []
     registry = HookRegistry()
-    assert registry.load_entry_points() == ["double_mean"]
+    assert load_plugin_hooks(registry, HostContext(args={"double_mean": False}), warn=warnings.append) == []
+    assert load_plugin_hooks(registry, HostContext(args={"double_mean": True}), warn=warnings.append) == \
+        ["double_mean"]
     ctx = context()
     torch.testing.assert_close(registry.apply(ctx).loss, ctx.latents.flatten(1).mean(1) * 2)
-    assert registry.load_entry_points() == []  # already there: not registered twice
+    assert warnings == []
     sys.modules.pop("thirdparty_hook", None)

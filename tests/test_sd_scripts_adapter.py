@@ -23,7 +23,7 @@ from lpl_plugin.loss import LatentPerceptualLoss
 from lpl_plugin.patches import sd_scripts
 from lpl_plugin.patches.sd_scripts_seams import (KNOWN_FINGERPRINTS, V0_9, V0_10, V0_11, ModuleReader, SourceReader,
                                                  UnsupportedHost, detect, fingerprint)
-from tests.standin_fixtures import module, root, standin, write_config
+from tests.standin_fixtures import hooks_off, module, root, standin, write_config
 
 LPL_ON = "[lpl]\nuse_lpl = true\nlpl_t_threshold = 1000\nlpl_num_blocks = 2\n"
 LAYOUTS = {"v0_9_1": V0_9, "v0_10_1": V0_10, "v0_11": V0_11}
@@ -42,9 +42,18 @@ class Host:
 
 
 def start(tmp_path: Path, version: str = "v0_10_1", lpl: str = LPL_ON, host: str = "", cli: tuple = (),
-          kind: str = "lora") -> Host:
-    """Install the adapter, parse a TOML through the host's parser and load the (tiny) models."""
-    session = sd_scripts.install(kind)
+          kind: str = "lora", enabled: bool = False) -> Host:
+    """Install the adapter, parse a TOML through the host's parser and load the (tiny) models.
+
+    `enabled`: as `lpl-plugin enable` does, from the layout read in the source, patching each module as it is
+    imported; else as the launcher does, importing and patching everything first.
+    """
+    if enabled:
+        assert not any(name.startswith("library") for name in sys.modules)
+        layout, _ = detect(SourceReader(root(version)), kind)
+        session = sd_scripts.install(kind, layout=layout)
+    else:
+        session = sd_scripts.install(kind)
     parser = module("sdxl_train_network" if kind == "lora" else "sdxl_train").setup_parser()
     sys.argv = ["sdxl_train_network.py", "--config_file", str(write_config(tmp_path, lpl, host)), *cli]
     args = parser.parse_args()  # read_config_from_file parses sys.argv again, as sd-scripts does
@@ -96,16 +105,14 @@ def on_and_off(h: Host, batch: dict | None = None, seed: int = 3):
     """Per-sample losses of the same step with LPL on and off, what the step saw, and the weight's gradients."""
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     batch = batch or {"loss_weights": torch.ones(2)}
-    on_config = h.session.config
     results = []
-    for config in (on_config, on_config.replace(use_lpl=False)):
-        h.session.config = config
-        weight = torch.zeros((), requires_grad=True)
-        torch.manual_seed(seed)
-        loss, seen = host_step(h, latents, batch, weight)
-        loss.mean().backward()
-        results.append((loss.detach(), seen, weight.grad))
-    h.session.config = on_config
+    for off in (False, True):
+        with hooks_off(h.session, off):
+            weight = torch.zeros((), requires_grad=True)
+            torch.manual_seed(seed)
+            loss, seen = host_step(h, latents, batch, weight)
+            loss.mean().backward()
+            results.append((loss.detach(), seen, weight.grad))
     (on, seen, grad_on), (off, _, grad_off) = results
     return on, off, seen, latents, grad_on, grad_off
 
@@ -248,10 +255,11 @@ def test_lpl_enters_the_host_loss_as_specified(tmp_path, case):
         assert not torch.equal(grad_on, grad_off)
 
 
+@pytest.mark.parametrize("enabled", [False, True], ids=["launcher", "enabled"])
 @pytest.mark.parametrize("version", list(LAYOUTS))
-def test_every_release_gets_the_same_lpl(tmp_path, version):
+def test_every_release_gets_the_same_lpl(tmp_path, version, enabled):
     with standin(version):
-        h = start(tmp_path, version, host="min_snr_gamma = 5.0")
+        h = start(tmp_path, version, host="min_snr_gamma = 5.0", enabled=enabled)
         on, off, seen, latents, _, _ = on_and_off(h)
         batch = {"loss_weights": torch.ones(2)}
         torch.testing.assert_close(on - off, expected_lpl(h, seen, latents, batch), rtol=1e-4, atol=1e-6)
@@ -270,19 +278,24 @@ def test_full_fine_tune_mean_path_adds_the_batch_mean(tmp_path):
         torch.testing.assert_close(loss, torch.nn.functional.mse_loss(pred, noise) + extra, rtol=1e-4, atol=1e-6)
 
 
-def test_v0_11_shims_share_one_wrapper_and_add_lpl_once(tmp_path):
+@pytest.mark.parametrize("enabled", [False, True], ids=["launcher", "enabled"])
+def test_v0_11_shims_share_one_wrapper_and_add_lpl_once(tmp_path, enabled):
     with standin("v0_11"):
-        h = start(tmp_path, "v0_11")
+        h = start(tmp_path, "v0_11", enabled=enabled)
         loss_util, train_util = module("library.loss"), module("library.train_util")
         assert train_util.conditional_loss is loss_util.conditional_loss
-        assert train_util.read_config_from_file is module("library.args").read_config_from_file
-        results = []
+        assert not hasattr(train_util.conditional_loss.__wrapped__, "__lpl_patcher__")  # one wrapper, not two
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
         for helpers in (train_util, loss_util):
             torch.manual_seed(0)
-            latents = torch.ones(2, 4, 8, 8)
-            noise, _, _ = helpers.get_noise_noisy_latents_and_timesteps(h.args, h.scheduler, latents)
-            results.append(helpers.conditional_loss((noise * 0.5).requires_grad_(), noise, "l2", "none").detach())
-        torch.testing.assert_close(results[0], results[1])
+            noise, noisy, timesteps = helpers.get_noise_noisy_latents_and_timesteps(h.args, h.scheduler, latents)
+            pred = (noise * 0.5).requires_grad_()
+            with_lpl = helpers.conditional_loss(pred, noise, "l2", "none").mean(dim=(1, 2, 3))
+            plain = torch.nn.functional.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+            seen = {"noisy": noisy, "timesteps": timesteps, "pred": pred}
+            once = expected_lpl(h, seen, latents, {"loss_weights": torch.ones(2)})
+            assert (once > 0).all()
+            torch.testing.assert_close(with_lpl.detach() - plain.detach(), once, rtol=1e-4, atol=1e-6)
 
 
 # -- when LPL must not run ----------------------------------------------------------------------------------------
@@ -392,3 +405,57 @@ def test_resume_restores_the_optimizer_step_count_and_tolerates_states_without_i
                 (state / "train_state.json").write_text(json.dumps({"current_epoch": 1, "current_step": 3}))
             else:
                 (state / "train_state.json").unlink(missing_ok=True)
+
+
+# -- the host's noise-level weights as one table ------------------------------------------------------------------
+
+WEIGHTED = {
+    "min-SNR": "min_snr_gamma = 5.0",
+    "min-SNR v-pred": "min_snr_gamma = 5.0\nv_parameterization = true",
+    "all four, v-pred": "v_parameterization = true\ndebiased_estimation_loss = true\nmin_snr_gamma = 2.0\n"
+                        "scale_v_pred_loss_like_noise_pred = true\nv_pred_like_loss = 0.3",
+    "debiased": "debiased_estimation_loss = true",
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHTED))
+def test_weight_table_gives_what_the_host_functions_give(tmp_path, case):
+    from lpl_plugin.patches.sd_scripts_weights import WeightTable
+
+    with standin("v0_10_1"):
+        h = start(tmp_path, host=WEIGHTED[case])
+        table, builds = WeightTable(), []
+        build = table.build
+        table.build = lambda *a: builds.append(1) or build(*a)  # a spy: counts the builds
+        for seed in range(3):
+            timesteps = torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(seed))
+            got = table(h.args, timesteps, h.scheduler)
+            torch.testing.assert_close(got, host_weights(h, timesteps, torch.ones(6)).float(), rtol=0, atol=0)
+        assert builds == [1] and table.table.shape == (1000,)
+        h.args.min_snr_gamma = 1.0  # other settings: a new table
+        table(h.args, timesteps, h.scheduler)
+        assert builds == [1, 1]
+
+
+def test_no_host_weights_no_table(tmp_path):
+    from lpl_plugin.patches.sd_scripts_weights import WeightTable
+
+    with standin("v0_9_1"):
+        h = start(tmp_path, "v0_9_1")
+        assert WeightTable()(h.args, torch.tensor([1, 2]), h.scheduler) is None
+
+
+# -- where the host starts ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cli, loader, first", [(("--initial_step", "3"), None, 3), (("--initial_epoch", "2"), 2, 2)],
+                         ids=["initial_step 3", "initial_epoch 2 of 2 steps"])
+def test_lpl_start_counts_from_the_step_the_host_starts_at(tmp_path, cli, loader, first):
+    with standin("v0_10_1"):
+        h = start(tmp_path, lpl=LPL_ON + "lpl_start = 4\n", host="max_train_steps = 10", cli=cli)
+        if loader:  # sd-scripts prepares its train loader; the adapter reads its length from accelerate's prepare
+            h.accelerator.prepare(torch.utils.data.DataLoader(list(range(4)), batch_size=loader))
+        applied = []
+        for _ in range(3):
+            host_step(h, torch.randn(2, 4, 8, 8), {"loss_weights": torch.ones(2)}, torch.zeros((), requires_grad=True))
+            applied.append("lpl/loss" in h.session.take_logs())
+        assert applied == [first + i >= 4 for i in range(3)] and h.session.steps == first + 3

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpl_plugin.diffusion import predict_z0
+from lpl_plugin.diffusion import min_snr_weight, predict_z0, snr
 from lpl_plugin.loss import LatentPerceptualLoss
 from lpl_plugin.tiny import tiny_vae
 
-from .standin_fixtures import on_path
+from .standin_fixtures import hooks_off, on_path
 
 CHECKOUT = os.environ.get("LPL_SD_SCRIPTS_DIR")
 pytestmark = pytest.mark.skipif(not CHECKOUT, reason="set LPL_SD_SCRIPTS_DIR to an sd-scripts checkout")
@@ -45,7 +45,8 @@ def sd():
 class Run:
     """A session with the real parser, TOML reader and accelerator, and a tiny VAE attached."""
 
-    def __init__(self, sd: dict, tmp_path: Path, lpl: str = LPL_ON, cli: tuple = ()):
+    def __init__(self, sd: dict, tmp_path: Path, lpl: str = LPL_ON, cli: tuple = (),
+                 weight_dtype: torch.dtype = torch.float32):
         from lpl_plugin.patches import sd_scripts
 
         self.sd = sd
@@ -59,7 +60,7 @@ class Run:
         self.accelerator = sd["library.train_util"].prepare_accelerator(args)
         self.vae = tiny_vae()
         if self.session.active:
-            self.session.attach(self.vae, self.accelerator, torch.float32)
+            self.session.attach(self.vae, self.accelerator, weight_dtype)
         from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -91,6 +92,27 @@ class Run:
         return loss, noisy, t, pred
 
 
+class TinySdxlUNet(torch.nn.Module):
+    """Called like sd-scripts' SdxlUNet2DConditionModel: (x, timesteps, context, y); computes in float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.vector = torch.nn.Linear(2816, 4)
+
+    def forward(self, x, timesteps, context, y):
+        self.input = x.detach()
+        return self.conv(x.float()) + self.vector(y.float())[:, :, None, None] + context.float().mean() * 0
+
+
+def sdxl_batch() -> dict:
+    """A cached-latents batch of two, as sd-scripts' SDXL dataset yields it."""
+    return {"latents": torch.randn(2, 4, 8, 8), "loss_weights": torch.ones(2),
+            "text_encoder_outputs_list": [torch.randn(2, 77, 768), torch.randn(2, 77, 1280), torch.randn(2, 1280)],
+            "original_sizes_hw": torch.tensor([[64, 64]] * 2), "crop_top_lefts": torch.tensor([[0, 0]] * 2),
+            "target_sizes_hw": torch.tensor([[64, 64]] * 2)}
+
+
 def test_checkout_is_a_supported_release(sd):
     from lpl_plugin.patches.sd_scripts_seams import (KNOWN_FINGERPRINTS, ModuleReader, SourceReader, detect,
                                                      fingerprint)
@@ -115,15 +137,14 @@ def test_real_noise_helper_and_conditional_loss_add_the_specified_lpl(sd, tmp_pa
     run = Run(sd, tmp_path, cli=("--min_snr_gamma", "5"))
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     results = []
-    for config in (run.session.config, run.session.config.replace(use_lpl=False)):
-        run.session.config = config
-        torch.manual_seed(1)
-        weight = torch.zeros((), requires_grad=True)
-        loss, noisy, t, pred = run.step(latents, weight)
-        loss.sum().backward()
-        results.append((loss.detach(), weight.grad))
+    for off in (False, True):
+        with hooks_off(run.session, off):
+            torch.manual_seed(1)
+            weight = torch.zeros((), requires_grad=True)
+            loss, noisy, t, pred = run.step(latents, weight)
+            loss.sum().backward()
+            results.append((loss.detach(), weight.grad))
     (on, grad_on), (off, grad_off) = results
-    run.session.config = run.session.config.replace(use_lpl=True)
     z0_hat = predict_z0(pred.detach(), noisy, "epsilon", timesteps=t, alphas_cumprod=run.scheduler.alphas_cumprod)
     raw = LatentPerceptualLoss(run.vae, run.session.config, 0.13025)(z0_hat, latents).per_sample
     snr_weights = sd["library.custom_train_functions"].apply_snr_weight(torch.ones(2), t, run.scheduler, 5.0)
@@ -138,31 +159,15 @@ def test_real_process_batch_trains_with_lpl_and_validates_without(sd, tmp_path):
     if not hasattr(trainer_class, "process_batch"):
         pytest.skip("this release has no NetworkTrainer.process_batch (v0.9: the loss code is inline in train)")
     run = Run(sd, tmp_path)
-
-    class TinySdxlUNet(torch.nn.Module):
-        """Called like sd-scripts' SdxlUNet2DConditionModel: (x, timesteps, context, y)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
-            self.vector = torch.nn.Linear(2816, 4)
-
-        def forward(self, x, timesteps, context, y):
-            return self.conv(x) + self.vector(y)[:, :, None, None] + context.mean() * 0
-
-    unet, trainer = TinySdxlUNet(), trainer_class()
-    batch = {"latents": torch.randn(2, 4, 8, 8), "loss_weights": torch.ones(2),
-             "text_encoder_outputs_list": [torch.randn(2, 77, 768), torch.randn(2, 77, 1280), torch.randn(2, 1280)],
-             "original_sizes_hw": torch.tensor([[64, 64]] * 2), "crop_top_lefts": torch.tensor([[0, 0]] * 2),
-             "target_sizes_hw": torch.tensor([[64, 64]] * 2)}
+    unet, trainer, batch = TinySdxlUNet(), trainer_class(), sdxl_batch()
     losses = {}
     for is_train in (True, False):
         for on in (True, False):
-            run.session.config = run.session.config.replace(use_lpl=on)
-            torch.manual_seed(0)
-            losses[is_train, on] = trainer.process_batch(
-                batch, [None, None], unet, None, run.vae, run.scheduler, torch.float32, torch.float32,
-                run.accelerator, run.args, None, None, is_train=is_train, train_text_encoder=False).detach()
+            with hooks_off(run.session, not on):
+                torch.manual_seed(0)
+                losses[is_train, on] = trainer.process_batch(
+                    batch, [None, None], unet, None, run.vae, run.scheduler, torch.float32, torch.float32,
+                    run.accelerator, run.args, None, None, is_train=is_train, train_text_encoder=False).detach()
     assert losses[True, True] > losses[True, False]  # training: LPL added
     assert torch.equal(losses[False, True], losses[False, False])  # validation: untouched
     assert run.session.steps == 1
@@ -215,3 +220,48 @@ def test_real_functions_are_untouched_with_lpl_off(sd, tmp_path):
     plain = run.step(latents, torch.zeros((), requires_grad=True))[0]
     assert torch.equal(wrapped, plain)
     assert "ss_lpl_enabled" not in tu.get_sai_model_spec(None, run.args, True, True, False)
+
+
+def test_real_process_batch_gives_lpl_the_float16_input_the_unet_saw(sd, tmp_path):
+    trainer_class = getattr(sd["sdxl_train_network"], "SdxlNetworkTrainer")
+    if not hasattr(trainer_class, "process_batch"):
+        pytest.skip("this release has no NetworkTrainer.process_batch (v0.9: the loss code is inline in train)")
+    run = Run(sd, tmp_path, weight_dtype=torch.float16)
+    seen = {}
+
+    def spy(latents, noisy_latents, timesteps, model_pred):
+        """A second hook that records what the hooks are handed (and adds nothing)."""
+        seen.update(latents=latents, noisy=noisy_latents, t=timesteps, pred=model_pred.detach())
+
+    run.session.registry.register("spy", spy)
+    unet, trainer, batch = TinySdxlUNet(), trainer_class(), sdxl_batch()
+    losses = []
+    for off in (False, True):
+        with hooks_off(run.session, off):
+            torch.manual_seed(0)
+            losses.append(trainer.process_batch(
+                batch, [None, None], unet, None, run.vae, run.scheduler, torch.float32, torch.float16,
+                run.accelerator, run.args, None, None, is_train=True, train_text_encoder=False).detach())
+    assert seen["noisy"].dtype == torch.float16 and torch.equal(seen["noisy"], unet.input)  # what the UNet saw
+    z0_hat = predict_z0(seen["pred"], seen["noisy"], "epsilon", timesteps=seen["t"],
+                        alphas_cumprod=run.scheduler.alphas_cumprod)
+    raw = LatentPerceptualLoss(run.vae, run.session.config, 0.13025)(z0_hat, seen["latents"])
+    weights = min_snr_weight(snr(timesteps=seen["t"], alphas_cumprod=run.scheduler.alphas_cumprod), 5.0, "epsilon")
+    torch.testing.assert_close(losses[0] - losses[1], (raw * weights).mean(), rtol=1e-4, atol=1e-7)
+
+
+WEIGHTED = [("--min_snr_gamma", "5"), ("--min_snr_gamma", "2", "--v_parameterization"),
+            ("--debiased_estimation_loss",), ("--scale_v_pred_loss_like_noise_pred", "--v_parameterization",
+                                             "--v_pred_like_loss", "0.3", "--min_snr_gamma", "3")]
+
+
+@pytest.mark.parametrize("cli", WEIGHTED, ids=[" ".join(c) for c in WEIGHTED])
+def test_weight_table_gives_what_the_real_functions_give(sd, tmp_path, cli):
+    from lpl_plugin.patches.sd_scripts_weights import WeightTable, host_weights
+
+    run = Run(sd, tmp_path, cli=cli)
+    table = WeightTable()
+    timesteps = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(3))
+    real = host_weights(run.args, timesteps, run.scheduler)  # sd-scripts' own functions on this batch
+    torch.testing.assert_close(table(run.args, timesteps, run.scheduler), real.float(), rtol=0, atol=0)
+    print(f"\n{' '.join(cli)}: t={timesteps.tolist()} weights={real.tolist()}")

@@ -26,14 +26,24 @@ from lpl_plugin.toml_io import tomllib
 # -- library functions ------------------------------------------------------------------------------------------
 
 def noise_and_timesteps(args: Any, scheduler: Any, latents: torch.Tensor):
-    """Noise, noisy latents and timesteps in [min_timestep, max_timestep)."""
+    """Noise, noisy latents and timesteps in [min_timestep, max_timestep).
+
+    Test knobs for runs of several processes: LPL_STANDIN_TIMESTEPS="900,10" gives every sample of rank i the
+    i-th timestep; LPL_STANDIN_NAN_RANK=i makes rank i's noisy latents NaN (so its model output and LPL are).
+    """
     noise = torch.randn_like(latents)
     low = args.min_timestep or 0
     high = args.max_timestep or scheduler.config.num_train_timesteps
     batch = latents.shape[0]
     timesteps = torch.randint(low, high, (batch,)) if low < high else torch.full((batch,), high)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if os.environ.get("LPL_STANDIN_TIMESTEPS"):
+        timesteps = torch.full((batch,), int(os.environ["LPL_STANDIN_TIMESTEPS"].split(",")[rank]))
     timesteps = timesteps.long().to(latents.device)
-    return noise, scheduler.add_noise(latents, noise, timesteps), timesteps
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if os.environ.get("LPL_STANDIN_NAN_RANK") == str(rank):
+        noisy = noisy * float("nan")
+    return noise, noisy, timesteps
 
 
 def huber_threshold(args: Any, timesteps: torch.Tensor):
@@ -175,6 +185,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The host options the stand-ins read."""
     add = parser.add_argument
     add("--config_file")
+    add("--dataset_config")
     add("--output_dir")
     add("--logging_dir")
     add("--seed", type=int, default=0)
@@ -333,9 +344,12 @@ class SdxlTrainerMixin:
 
 
 def network_parser(arguments_module: Any) -> argparse.ArgumentParser:
-    """train_network.setup_parser: the common training options (`arguments_module`'s add_training_arguments)."""
+    """train_network.setup_parser: the common training options (`arguments_module`'s add_training_arguments) and
+    the LoRA trainer's start-step options."""
     parser = argparse.ArgumentParser()
     arguments_module.add_training_arguments(parser, True)
+    parser.add_argument("--initial_epoch", type=int)
+    parser.add_argument("--initial_step", type=int)
     return parser
 
 

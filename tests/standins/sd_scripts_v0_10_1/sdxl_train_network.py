@@ -1,8 +1,9 @@
 """Stand-in of sd-scripts v0.10.1 sdxl_train_network.py (tests only)."""
 
+from library import train_util  # the checkout's own code first, as sd-scripts imports library.device_utils first
+
 import standin_host as host
 import train_network
-from library import train_util
 
 
 class SdxlNetworkTrainer(host.SdxlTrainerMixin, train_network.NetworkTrainer):
