@@ -199,7 +199,7 @@ def test_bad_command_line_value_exits_2_in_one_line(tmp_path, enabled_here, caps
         enabled_here(folder / "sdxl_train_network.py", "--config_file", config, "--lpl_weight", "-1")
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "sd-scripts arguments (config file and command line): `lpl_weight` must be at least 0, got -1.0"]
+        "sd-scripts arguments (config file and command line): `lpl_weight` must be between 0 and 100, got -1.0"]
 
 
 @pytest.mark.parametrize("asks", ["toml", "command line", "no"])
