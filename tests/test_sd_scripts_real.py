@@ -245,7 +245,7 @@ def test_real_process_batch_gives_lpl_the_float16_input_the_unet_saw(sd, tmp_pat
     assert seen["noisy"].dtype == torch.float16 and torch.equal(seen["noisy"], unet.input)  # what the UNet saw
     z0_hat = predict_z0(seen["pred"], seen["noisy"], "epsilon", timesteps=seen["t"],
                         alphas_cumprod=run.scheduler.alphas_cumprod)
-    raw = LatentPerceptualLoss(run.vae, run.session.config, 0.13025)(z0_hat, seen["latents"])
+    raw = LatentPerceptualLoss(run.vae, run.session.config, 0.13025)(z0_hat, seen["latents"]).per_sample
     weights = min_snr_weight(snr(timesteps=seen["t"], alphas_cumprod=run.scheduler.alphas_cumprod), 5.0, "epsilon")
     torch.testing.assert_close(losses[0] - losses[1], (raw * weights).mean(), rtol=1e-4, atol=1e-7)
 
