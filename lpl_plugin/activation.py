@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import LPLConfig
-from .errors import UserError
+from .errors import UserError, write_lines
 
 log = logging.getLogger("lpl_plugin")
 
@@ -40,8 +40,7 @@ def preflight(path: str) -> LPLConfig:
     from .preflight import check_training_config
 
     checked = check_training_config(path)
-    for line in checked.warnings:
-        print(line, file=sys.stderr)
+    write_lines(checked.warnings)
     return checked.raise_for_problems()
 
 

@@ -10,7 +10,7 @@ import sys
 from typing import Callable, Sequence
 
 from .cli_args import Parser
-from .errors import UserError
+from .errors import UserError, write_lines
 
 # Modules that add subcommands: each defines `add_commands(subparsers)` and sets `func` on its parsers.
 COMMAND_MODULES = ("lpl_plugin.cli_config", "lpl_plugin.demo.cli", "lpl_plugin.cli_inspect", "lpl_plugin.bench",
@@ -40,8 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except UserError as error:
-        for line in error.lines():
-            print(line, file=sys.stderr)
+        write_lines(error.lines())
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

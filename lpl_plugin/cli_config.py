@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .config import LPLConfig
+from .errors import write_lines
 from .messages import show_path
 from .preflight import check_training_config
 from .schema import json_schema
@@ -15,8 +15,7 @@ from .toml_io import render_toml
 def _validate(args: argparse.Namespace) -> int:
     """Check a trainer TOML; print the effective settings."""
     checked = check_training_config(args.config)
-    for line in checked.warnings:
-        print(line, file=sys.stderr)
+    write_lines(checked.warnings)
     config = checked.raise_for_problems()
     state = "on" if config.use_lpl else "off"
     print(f"# {show_path(args.config)}: valid; LPL is {state}. Effective settings:")

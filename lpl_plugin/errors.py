@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from typing import Iterable, TextIO
+
 from .messages import one_line
 
 
@@ -31,3 +34,12 @@ class ArgumentError(UserError, ValueError):
 
 class ArgumentTypeError(UserError, TypeError):
     """A Python API call got an argument of the wrong kind (a dict for a config, None for a VAE, int latents)."""
+
+
+def write_lines(lines: Iterable[str], stream: TextIO | None = None) -> None:
+    """Lines on stderr (or `stream`) in one write, so that the lines of processes sharing it never interleave."""
+    text = "".join(f"{line}\n" for line in lines)
+    stream = sys.stderr if stream is None else stream
+    if text and stream is not None:  # no stderr at all under pythonw
+        stream.write(text)
+        stream.flush()

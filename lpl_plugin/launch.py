@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .activation import config_file, preflight
-from .errors import UserError
+from .errors import UserError, write_lines
 
 USAGE = ("usage: lpl-launch SCRIPT [SCRIPT ARGS...]\n"
          "       accelerate launch [ACCELERATE ARGS...] -m lpl_plugin.launch SCRIPT [SCRIPT ARGS...]\n"
@@ -56,8 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(argv[0], argv[1:])
     except UserError as error:
-        for line in error.lines():
-            print(line, file=sys.stderr)
+        write_lines(error.lines())
         return 2
     return 0
 

@@ -14,14 +14,13 @@ not use it goes on. A hook that raises in `make_hook` stops the run with one lin
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, write_lines
 from .registry import ENTRY_POINT_GROUP, HookRegistry
 
 Warn = Callable[[str], None]
@@ -113,7 +112,7 @@ def add_plugin_arguments(plugins: list[Plugin], parser: Any, warn: Warn) -> list
 
 def to_stderr(line: str) -> None:
     """The default warning sink: one line on standard error."""
-    print(line, file=sys.stderr, flush=True)
+    write_lines([line])
 
 
 def disabled_names(value: str | Iterable[str] | None) -> set[str]:

@@ -13,12 +13,11 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, NoReturn, Protocol
 
-from lpl_plugin.errors import UserError
+from lpl_plugin.errors import UserError, write_lines
 from lpl_plugin.files import is_file, read_text
 from lpl_plugin.messages import show_path
 
@@ -112,9 +111,7 @@ class UnsupportedHost(UserError):
 
 def refuse(error: UserError) -> NoReturn:
     """End the process with status 2 after printing a user error one line per problem on stderr (no traceback)."""
-    for line in error.lines():
-        print(line, file=sys.stderr)
-    sys.stderr.flush()
+    write_lines(error.lines())
     raise SystemExit(2)
 
 

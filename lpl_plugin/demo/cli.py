@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..cli_args import bounded_int, integer, number
 from ..config import LPLConfig
-from ..errors import UserError
+from ..errors import UserError, write_lines
 from ..messages import show_path
 from .settings import DEVICES, MIXED_PRECISION, OPTIMIZERS, DemoSettings, read_settings, resolve
 
@@ -24,8 +24,7 @@ def _lpl_settings(path: str | None) -> tuple[LPLConfig, str]:
     from ..preflight import check_training_config
 
     checked = check_training_config(path)
-    for line in checked.warnings:
-        print(line, file=sys.stderr)
+    write_lines(checked.warnings)
     config = checked.raise_for_problems()
     if not config.use_lpl:
         raise UserError(f"{show_path(path)}: LPL is off (`use_lpl` is not true), but the demo compares runs with and "
