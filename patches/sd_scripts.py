@@ -219,16 +219,15 @@ class Session:
             load_hook_states(self.registry, states)
 
     def take_logs(self) -> dict[str, float]:
-        """The hooks' scalars since the last logging step, as floats (the only place they leave the device)."""
+        """The hooks' scalars since the last logging step, as floats: the only place they leave the device, in one
+        read for all of them."""
         logs, self.logs = self.logs, {}
-        out = {}
-        for key, value in logs.items():
-            if isinstance(value, Reduced):
-                if float(value.weight) > 0:
-                    out[key] = float(value.value)
-            else:
-                out[key] = float(value)
-        return out
+        pairs = {key: (v.value, v.weight) if isinstance(v, Reduced) else (v, 1.0) for key, v in logs.items()}
+        tensors = [x for pair in pairs.values() for x in pair if isinstance(x, Tensor)]
+        read = iter(torch.stack([t.detach().float().reshape(()).to(tensors[0].device) for t in tensors]).tolist()
+                    if tensors else [])
+        values = {key: [next(read) if isinstance(x, Tensor) else float(x) for x in pair] for key, pair in pairs.items()}
+        return {key: value for key, (value, weight) in values.items() if weight > 0}
 
     def _on_step_logs(self, original, args, kwargs, bound):
         """NetworkTrainer.generate_step_logs: add the hooks' scalars to the LoRA step logs."""
