@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .schedule import device_table
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_matching")
 
 
@@ -14,8 +16,9 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 
 
 def alpha_sigma(alphas_cumprod: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
-    """Signal and noise scales sqrt(a_t) and sqrt(1 - a_t) of a DDPM schedule at the given timesteps."""
-    a_t = alphas_cumprod.to(device=timesteps.device, dtype=torch.float64)[timesteps.long()]
+    """Signal and noise scales sqrt(a_t) and sqrt(1 - a_t) of a DDPM schedule at the given timesteps (the schedule's
+    device copy is made once per device, see lpl_plugin.schedule)."""
+    a_t = device_table(alphas_cumprod, timesteps.device)[timesteps.long()]
     return a_t.sqrt().float(), (1.0 - a_t).sqrt().float()
 
 

@@ -16,6 +16,7 @@ from .loss import LatentPerceptualLoss
 from .precision import SCALE_FLOOR
 from .ranks import drop_if_any, max_over_ranks
 from .registry import HookResult
+from .schedule import device_table
 
 log = logging.getLogger("lpl_plugin")
 
@@ -83,12 +84,14 @@ class LPLHook:
         """
         gate = (timesteps < self.config.lpl_t_threshold).flatten()
         if prediction_type == "epsilon" and alphas_cumprod is not None:
-            gate = gate & (alphas_cumprod.to(timesteps.device)[timesteps.long()].flatten() > 0)
+            gate = gate & (device_table(alphas_cumprod, timesteps.device)[timesteps.long()].flatten() > 0)
         streak, floor_hits = self.agreed_streak(), self.loss.state.loss_scale.floor_hits
-        flags = torch.cat([gate.to(device=streak.device, dtype=torch.int64), streak.reshape(1),
-                           floor_hits.to(streak.device).reshape(1)]).tolist()
-        index = [i for i, flag in enumerate(flags[:-2]) if flag]
-        return torch.tensor(index, dtype=torch.long, device=timesteps.device), int(flags[-2]), int(flags[-1])
+        gated = gate.to(device=streak.device, dtype=torch.int64).sum()
+        count, streak_now, floor_now = torch.stack([gated, streak.reshape(()),
+                                                    floor_hits.to(streak.device).reshape(())]).tolist()
+        # the gated samples' positions in order, found on the device: a stable sort puts them first
+        index = torch.sort((~gate).to(torch.uint8), stable=True).indices[:count]
+        return index, int(streak_now), int(floor_now)
 
     def noise_level_weights(self, timesteps: Tensor, prediction_type: str, alphas_cumprod: Tensor | None,
                             sigmas: Tensor | None, noise_weights: Tensor | None,
