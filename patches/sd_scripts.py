@@ -27,6 +27,7 @@ from lpl_plugin.hook import LPLHook
 from lpl_plugin.plugins import (DISABLE_OPTION, HostContext, Plugin, add_plugin_arguments, disabled_names, discover,
                                 start_hooks, to_stderr)
 from lpl_plugin.preflight import check_training_mapping
+from lpl_plugin.rank_hooks import agree_on_hooks, hook_versions
 from lpl_plugin.ranks import Reduced, agreed_int, reduce_logs, world_size
 from lpl_plugin.registry import HookRegistry, LossContext
 from lpl_plugin.schema import add_arguments
@@ -181,6 +182,7 @@ class Session:
                                           to_stderr):
                 self.registry.register(name, hook, replace=True)
                 log.info("lpl-plugin: loss hook %s on", name)
+        agree_on_hooks(hook_versions(self.registry, self.plugins or []))  # several processes: the same hooks
         if not self.running:
             return
         accelerator.register_save_state_pre_hook(self._save_state)

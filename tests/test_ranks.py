@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import lpl_plugin
+from lpl_plugin.plugins import Plugin
+from lpl_plugin.rank_hooks import disagreement, hook_versions
 from lpl_plugin.ranks import Reduced, agreed_int, drop_if_any, max_over_ranks, reduce_logs, rule, world_size
 from tests.enabled_env import Env, logs, make_env, run
+from tests.hook_dists import TV_HOOK, pip_install, write_distribution
 from tests.standin_fixtures import root, write_config
 
 STOP = "LPL was inf/NaN in 2 evaluations in a row (lpl_max_bad_steps = 2), so the run was stopped"
@@ -128,3 +133,80 @@ def test_an_out_of_memory_skip_on_one_rank_drops_lpl_on_all_of_them(tmp_path):
     assert ranks[0]["term"] == [0.0, 0.0] and ranks[0]["grad"] == 0.0  # ... and drops it, as rank 1 had to
     assert ranks[1]["term"] == [0.0, 0.0] and ranks[1]["grad"] == 0.0
     assert ranks[0]["start"] == ranks[1]["start"] == 5  # a start step agreed by every process
+
+
+# -- the processes agree on their loss hooks before any collective of theirs -------------------------------------
+
+FLAKY_HOOK = '''
+"""A hook whose import fails in the process of rank 1 only (as a missing CUDA extension would on one node)."""
+
+import os
+
+import torch
+
+from lpl_plugin import HookResult
+
+if os.environ.get("RANK") == "1":
+    raise ImportError("libflaky.so: cannot open shared object file (rank 1 of this test)")
+
+
+def make_hook(host):
+    return lambda model_pred: HookResult(torch.zeros(model_pred.shape[0], device=model_pred.device), {})
+'''
+DIFFERENT = "lpl-plugin: the training processes would run different loss hooks ("
+
+
+@pytest.fixture(scope="module")
+def hook_sites(tmp_path_factory) -> dict[str, Path]:
+    """pip-installed hook distributions: `tv` (for rank 0 only) and `flaky` (for every rank)."""
+    base = tmp_path_factory.mktemp("rank_hooks")
+    tv = write_distribution(base / "src" / "tv", "lpl-tv-hook", "lpl_tv_hook", "tv", TV_HOOK)
+    flaky = write_distribution(base / "src" / "flaky", "lpl-flaky-hook", "lpl_flaky_hook", "flaky", FLAKY_HOOK)
+    return {"tv": pip_install(base / "tv-site", tv), "flaky": pip_install(base / "flaky-site", flaky)}
+
+
+def one_line_each(done, tmp_path) -> str:
+    """The mismatch line, asserted to be printed once by each of the two processes, which both exit with status 2."""
+    lines = [line for line in done.stderr.splitlines() if line.startswith(DIFFERENT)]
+    assert len(lines) == 2 and lines[0] == lines[1], done.stderr[-3000:]
+    # both processes end with status 2, neither with a traceback (torchrun's own report prints one of its own)
+    assert done.returncode != 0 and done.stderr.count("exitcode  : 2") == 2, done.stderr[-3000:]
+    assert "rank_hooks.py" not in done.stderr and "SystemExit" not in done.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    return lines[0]
+
+
+def test_a_hook_installed_for_one_rank_only_stops_every_rank_with_one_line(enabled, hook_sites, tmp_path):
+    """Rank 1's environment lacks the tv hook's distribution (a .pth puts it on rank 0's path only)."""
+    rank0_only = enabled.purelib / "zz_rank0_hooks.pth"
+    rank0_only.write_text(f"import os, sys; os.environ.get('RANK') == '0' and sys.path.append({str(hook_sites['tv'])!r})"
+                          "\n", encoding="utf-8")
+    try:
+        config = write_config(tmp_path, "[lpl]\nuse_lpl = true\nlpl_num_blocks = 1\n", "tv_weight = 0.5")
+        done = torchrun(enabled, config, {})
+    finally:
+        rank0_only.unlink()
+    line = one_line_each(done, tmp_path)
+    assert "`tv` is lpl-tv-hook 1.0 on rank 0 and not running on rank 1" in line, line
+
+
+def test_a_hook_that_fails_to_load_on_one_rank_stops_every_rank_with_one_line(enabled, hook_sites, tmp_path):
+    """LPL is off, so rank 1's registry ends up empty: without the check it would skip every collective."""
+    config = write_config(tmp_path, "[lpl]\nuse_lpl = false\n")
+    done = torchrun(enabled, config, {"PYTHONPATH": str(hook_sites["flaky"])})
+    assert "hook `flaky` of lpl-flaky-hook 1.0 could not be loaded (ImportError: libflaky.so" in done.stderr
+    line = one_line_each(done, tmp_path)
+    assert "`flaky` is lpl-flaky-hook 1.0 on rank 0 and not running on rank 1" in line, line
+
+
+def test_the_mismatch_line_names_each_hook_its_versions_and_ranks():
+    same = {"lpl": "lpl-plugin 0.3", "tv": "lpl-tv-hook 1.0"}
+    assert disagreement([same, dict(same), dict(same)]) is None
+    line = disagreement([same, {"lpl": "lpl-plugin 0.3", "tv": "lpl-tv-hook 1.1"}, {"lpl": "lpl-plugin 0.3"},
+                         dict(same)])
+    assert line is not None and line.startswith(DIFFERENT) and "\n" not in line
+    assert ("`tv` is lpl-tv-hook 1.0 on ranks 0, 3 and lpl-tv-hook 1.1 on rank 1 and not running on rank 2"
+            in line), line
+    assert "`lpl`" not in line
+    assert hook_versions(["lpl", "tv", "mine"], [Plugin("tv", "lpl-tv-hook 1.0", lambda host: None)]) == {
+        "lpl": f"lpl-plugin {lpl_plugin.__version__}", "tv": "lpl-tv-hook 1.0", "mine": "a hook registered in code"}
