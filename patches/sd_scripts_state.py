@@ -17,7 +17,7 @@ from typing import Any
 
 from lpl_plugin.config import LPLConfig
 from lpl_plugin.errors import FileError, UserError
-from lpl_plugin.files import read_json_object
+from lpl_plugin.files import read_json_object, write_bytes
 from lpl_plugin.messages import show_path, shown
 from lpl_plugin.registry import HookRegistry
 
@@ -30,12 +30,13 @@ HOST_STATE_FILE = "train_state.json"
 
 
 def save_state(folder: str | Path, steps: int, config: LPLConfig | None, registry: HookRegistry) -> None:
-    """Write the plugin's state file into an accelerate state folder (main process only)."""
+    """Write the plugin's state file into an accelerate state folder, atomically (main process only)."""
     states = {name: registry.get(name).state_dict() for name in registry
               if callable(getattr(registry.get(name), "state_dict", None))}
     data = {"optimizer_steps": steps, "settings": config.lpl_items() if config else None,
             "hook": states.pop("lpl", None), "hooks": states}
-    Path(folder, STATE_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    # whole or not at all (a temporary file, flushed, fsynced, renamed): a crash while saving keeps the last one
+    write_bytes(Path(folder, STATE_FILE), (json.dumps(data, indent=2) + "\n").encode("utf-8"), option="--save_state")
 
 
 def resumed_state(folder: str | Path) -> tuple[int, dict[str, Any]]:
