@@ -162,7 +162,9 @@ def _doctor(args: argparse.Namespace) -> int:
         lines += host
     from .cli_enable import report
 
-    lines += [report()]
+    from .environment import uv_report
+
+    lines += [report(), *uv_report()]
     lines += torch_report() + [xformers_report(), bitsandbytes_report()]
     if args.config:
         config, fine = config_report(args.config)

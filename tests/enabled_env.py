@@ -55,19 +55,24 @@ def make_env(folder: Path, *, with_parent: bool = True) -> Env:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=120)
     env = Env(folder)
     if with_parent:
-        # as site.addsitedir(parent), less an activation file of the parent's own (a developer may have enabled it)
-        parent = sysconfig.get_paths()["purelib"]
-        (env.purelib / PARENT_PTH).write_text(  # no comprehension: site runs the line where names are locals
-            f"import functools, os, site, sys; sys.path.append({parent!r}); list(map(functools.partial("
-            f"site.addpackage, {parent!r}, known_paths=None), sorted(filter(lambda n: n.endswith('.pth') and n != "
-            f"{lpl_plugin_boot.PTH_NAME!r}, os.listdir({parent!r})))))\n",
-            encoding="utf-8")
-        # accelerate's console script, as pip would write it into sd-scripts' venv (GUIs call it by path)
-        script = folder / "bin" / "accelerate"
-        script.write_text(f"#!{env.python}\nimport sys\nfrom accelerate.commands.accelerate_cli import main\n"
-                          "sys.exit(main())\n", encoding="utf-8")
-        script.chmod(0o755)
+        link_parent(env)
     return env
+
+
+def link_parent(env: Env) -> None:
+    """Make this test environment's packages importable in `env`, with accelerate's console script."""
+    # as site.addsitedir(parent), less an activation file of the parent's own (a developer may have enabled it)
+    parent = sysconfig.get_paths()["purelib"]
+    (env.purelib / PARENT_PTH).write_text(  # no comprehension: site runs the line where names are locals
+        f"import functools, os, site, sys; sys.path.append({parent!r}); list(map(functools.partial("
+        f"site.addpackage, {parent!r}, known_paths=None), sorted(filter(lambda n: n.endswith('.pth') and n != "
+        f"{lpl_plugin_boot.PTH_NAME!r}, os.listdir({parent!r})))))\n",
+        encoding="utf-8")
+    # accelerate's console script, as pip would write it into sd-scripts' venv (GUIs call it by path)
+    script = env.root / "bin" / "accelerate"
+    script.write_text(f"#!{env.python}\nimport sys\nfrom accelerate.commands.accelerate_cli import main\n"
+                      "sys.exit(main())\n", encoding="utf-8")
+    script.chmod(0o755)
 
 
 def run(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,

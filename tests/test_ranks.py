@@ -7,6 +7,7 @@ timestep (rank 0 above lpl_t_threshold, rank 1 below), LPL_STANDIN_NAN_RANK make
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -169,8 +170,10 @@ def one_line_each(done, tmp_path) -> str:
     """The mismatch line, asserted to be printed once by each of the two processes, which both exit with status 2."""
     lines = [line for line in done.stderr.splitlines() if line.startswith(DIFFERENT)]
     assert len(lines) == 2 and lines[0] == lines[1], done.stderr[-3000:]
-    # both processes end with status 2, neither with a traceback (torchrun's own report prints one of its own)
-    assert done.returncode != 0 and done.stderr.count("exitcode  : 2") == 2, done.stderr[-3000:]
+    # the first process to exit does so with status 2, and torchrun ends the other (whose line is out: a barrier
+    # stands between the lines and the exits), so the other shows status 2 or SIGTERM; no traceback of theirs
+    codes = re.findall(r"exitcode  : (-?\d+)", done.stderr)
+    assert done.returncode != 0 and "2" in codes and set(codes) <= {"2", "-15"}, done.stderr[-3000:]
     assert "rank_hooks.py" not in done.stderr and "SystemExit" not in done.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
     return lines[0]
