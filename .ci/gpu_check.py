@@ -99,7 +99,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{', '.join(env['gpus']) or 'none (the CUDA parts were skipped)'}", "",
              "## Tests (two processes per backend; host reads and copies per step)", "",
              "| test | outcome | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {r['test']} | {r['outcome']} | {r['seconds']:.1f} | {r['detail']} |" for r in report["tests"]["tests"]]
+    tests = report["tests"]["tests"]
+    lines += [f"| {r['test']} | {r['outcome']} | {r['seconds']:.1f} | {r['detail']} |" for r in tests]
     lines += ["", "## Host reads and host-to-device copies of 4 adapter steps (steps 2 and 4 log)", "",
               "| device | prediction | reads per step | copies per step |", "|---|---|---|---|"]
     lines += [f"| {r['device']} | {r['prediction']} | {r['reads']} | {r['copies']} |" for r in report["counts"]]

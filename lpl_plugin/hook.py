@@ -75,8 +75,8 @@ class LPLHook:
 
     def _gate(self, timesteps: Tensor, prediction_type: str,
               alphas_cumprod: Tensor | None) -> tuple[Tensor, int, int]:
-        """Indices of the samples LPL applies to, read with the guard's streak and the float16 loss scale's floor
-        hits in the step's one sync.
+        """Indices of the samples LPL applies to (on the device), with the guard's streak and the float16 loss
+        scale's floor hits; the number of gated samples and those two counters are the step's one host read.
 
         A sample applies when t < lpl_t_threshold and z0 is recoverable from the prediction: epsilon at a
         zero-terminal-SNR timestep (alphas_cumprod[t] == 0) has no signal left to recover, so it gets no LPL.

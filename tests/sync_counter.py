@@ -105,13 +105,15 @@ class SyncCounter:
         return self.is_marked(tensor) or (tensor.device.type == "cpu" and self.device.type != "cpu")
 
     def record(self, kind: str, op: Any) -> None:
+        """Note one event of `kind` ("read" or "copy") made by `op`."""
         self.events.append(Event(kind, getattr(op, "__name__", str(op)), _caller()))
 
     def count(self, kind: str) -> int:
+        """How many events of `kind` were recorded."""
         return sum(e.kind == kind for e in self.events)
 
     def classify_call(self, func: Callable[..., Any], args: tuple, result: Any) -> str | None:
-        """"read", "copy" or None for a Python-level call."""
+        """What a Python-level call was: "read", "copy" or None."""
         given = _tensors(args)
         if func in READS:
             return "read" if any(self.on_device(t) for t in given) else None

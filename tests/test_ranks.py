@@ -182,8 +182,9 @@ def one_line_each(done, tmp_path) -> str:
 def test_a_hook_installed_for_one_rank_only_stops_every_rank_with_one_line(enabled, hook_sites, tmp_path):
     """Rank 1's environment lacks the tv hook's distribution (a .pth puts it on rank 0's path only)."""
     rank0_only = enabled.purelib / "zz_rank0_hooks.pth"
-    rank0_only.write_text(f"import os, sys; os.environ.get('RANK') == '0' and sys.path.append({str(hook_sites['tv'])!r})"
-                          "\n", encoding="utf-8")
+    site = str(hook_sites["tv"])
+    rank0_only.write_text(f"import os, sys; os.environ.get('RANK') == '0' and sys.path.append({site!r})\n",
+                          encoding="utf-8")
     try:
         config = write_config(tmp_path, "[lpl]\nuse_lpl = true\nlpl_num_blocks = 1\n", "tv_weight = 0.5")
         done = torchrun(enabled, config, {})

@@ -14,7 +14,6 @@ With CUDA present the same test also runs on the GPU, where transfers are seen b
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def counted_steps(tmp_path: Path, device: str, prediction: str = "epsilon") -> list[dict]:
     """Reads and copies of each of STEPS adapter training steps on `device`."""
     from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
 
     dev = torch.device(device)
     forget_tables()  # as in a new process: this run's schedule reaches the device in its own first LPL step
@@ -47,7 +47,7 @@ def counted_steps(tmp_path: Path, device: str, prediction: str = "epsilon") -> l
         train_util = module("library.train_util")
         args = train_util.read_config_from_file(parser.parse_args(), parser)
         standin_host = module("standin_host")
-        tracker = type("Tracker", (standin_host.JsonTracker, __import__("accelerate").tracking.GeneralTracker), {})
+        tracker = type("Tracker", (standin_host.JsonTracker, GeneralTracker), {})
         accelerator = Accelerator(cpu=dev.type == "cpu", log_with=[tracker(str(tmp_path / "logs"))])
         accelerator.init_trackers("sync")
         module("library.sdxl_train_util").load_target_model(args, accelerator, "sdxl", torch.float32)
