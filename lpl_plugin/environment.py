@@ -57,9 +57,11 @@ def uv_report(prefix: Path | None = None) -> list[str]:
     made = f"created by uv {version}" if version else "not created by uv"
     lines = [f"environment: {show_path(prefix)} is {made}" + (f"; its project is locked by {show_path(lock)}"
                                                                if lock else "")]
-    if lock is not None and locks_lpl_plugin(lock):
+    if lock is None:  # no project: `uv sync` has nothing to sync this environment to
+        return lines
+    if locks_lpl_plugin(lock):
         return lines + ["  uv.lock lists lpl-plugin, so `uv sync` keeps it"]
-    script = python.with_name("lpl-plugin")
+    script = python.with_name("lpl-plugin.exe" if sys.platform == "win32" else "lpl-plugin")
     return lines + [f"  WARNING: `uv sync` removes packages that are not in uv.lock, lpl-plugin among them, and a run "
                     f"that asks for LPL then trains without it; after every `uv sync`, run `uv pip install --python "
                     f"{show_path(python)} lpl-plugin` and `{show_path(script)} enable` again (`uv run` and "

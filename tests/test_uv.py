@@ -89,6 +89,7 @@ def test_no_uv_no_lines_and_a_lock_that_lists_lpl_plugin_keeps_it(tmp_path):
     made = tmp_path / "project" / ".venv"
     made.mkdir(parents=True)
     (made / "pyvenv.cfg").write_text("home = /usr/bin\nuv = 0.13.10\n", encoding="utf-8")
+    assert uv_report(made) == [f"environment: {made} is created by uv 0.13.10"]  # no project, nothing to warn of
     lock = made.parent / "uv.lock"
     lock.write_text('version = 1\n\n[[package]]\nname = "lpl-plugin"\nversion = "0.1.0"\n', encoding="utf-8")
     assert locks_lpl_plugin(lock)
