@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -83,8 +84,18 @@ def run(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | N
                                  "MASTER_"))}
     base.update({"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
     base.update(env or {})
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=base, cwd=cwd,
-                          timeout=timeout)
+    # its own process group, so that a timeout ends what it started too (torchrun's workers hanging in a collective)
+    with subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base,
+                          cwd=cwd, start_new_session=os.name != "nt") as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if os.name != "nt":
+                os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
+            process.communicate()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def logs(folder: Path) -> list[dict]:
