@@ -50,7 +50,8 @@ def differences(dtype: torch.dtype, every: int) -> dict[str, torch.Tensor]:
     from .parity_ties import compared_maps
     from .reference_vaes import rebuild_sdxl_layout_vae
 
-    vaes = {"tiny_vae": AutoencoderKL.from_pretrained(GOLDEN / "tiny_vae"), "sdxl_layout_vae": rebuild_sdxl_layout_vae()}
+    vaes = {"tiny_vae": AutoencoderKL.from_pretrained(GOLDEN / "tiny_vae"),
+            "sdxl_layout_vae": rebuild_sdxl_layout_vae()}
     vaes = {name: vae.to(dtype).eval().requires_grad_(False) for name, vae in vaes.items()}
     out = {}
     for folder, case, tensors, scaling_factor in l1_cases(every):
