@@ -12,7 +12,8 @@ from lpl_plugin.tiny import tiny_unet, tiny_vae
 
 GOLDEN = Path(__file__).parent / "golden" / "lpl_reference"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# LPL_TEST_THREADS overrides the thread count (parity under other thread counts; see golden/lpl_reference_extra).
+torch.set_num_threads(int(os.environ.get("LPL_TEST_THREADS", "0")) or max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
