@@ -118,10 +118,10 @@ def running_script(root: str) -> tuple[str | None, list[str] | None]:
     real_root = os.path.realpath(root)
 
     def in_checkout(path: Any) -> str | None:
-        if not isinstance(path, str) or not path.endswith(".py"):
+        if not isinstance(path, str) or not path:
             return None
         real = os.path.realpath(path)
-        return real if os.path.dirname(real) == real_root else None
+        return real if real.endswith(".py") and os.path.dirname(real) == real_root else None
 
     argv = list(getattr(sys, "argv", None) or [""])
     found = in_checkout(argv[0]) if argv[0] not in ("", "-c", "-m") else None

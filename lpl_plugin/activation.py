@@ -58,6 +58,13 @@ def other_script_line(script: str) -> str:
             "script would train without it, so the run is stopped: remove use_lpl or start one of those two")
 
 
+def unknown_script_line(caller: str) -> str:
+    """The refusal of a run that asks for LPL in a process whose sd-scripts script could not be told."""
+    return (f"{os.path.basename(caller)} asks for LPL (use_lpl), but lpl-plugin cannot tell which sd-scripts script "
+            "this process runs; LPL supports sdxl_train_network.py and sdxl_train.py only: start one of those, or set "
+            "LPL_PLUGIN=on if this process runs one of them")
+
+
 def forced_kind(script: str | None) -> str:
     """The trainer kind under LPL_PLUGIN=on for a script the automatic check does not know: full fine-tune for a
     name like sdxl_train*.py without "network", else LoRA."""
@@ -75,10 +82,12 @@ def start(root: str, script: str | None, argv: Sequence[str] | None, *, forced: 
     elif script is not None:
         if argv is not None and asks_from_argv(argv):
             stop([other_script_line(script)])
+        if argv is None:  # a wrapper importing train_network.py first may import sdxl_train_network next
+            watch_trainer_modules(root)
         guard(root, lambda: [other_script_line(script)])
     else:  # a wrapper that imported `library` first: it may import a trainer module next
         watch_trainer_modules(root)
-        guard(root, lambda: [other_script_line(_caller_file())])
+        guard(root, lambda: [unknown_script_line(_caller_file())])
 
 
 def activate(root: str, kind: str, argv: Sequence[str] | None) -> None:

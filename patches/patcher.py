@@ -49,6 +49,11 @@ class Patcher:
         """Wrap each host module's functions the moment it is imported."""
         self._watch = OnImport(self.modules(), self.patch_module).install()
 
+    def settle(self) -> None:
+        """Wrap the functions of watched modules that were still running when the adapter was installed."""
+        if self._watch is not None:
+            self._watch.settle()
+
     def patch_module(self, module: str) -> None:
         """Wrap the targets living in one (imported) module."""
         loaded = importlib.import_module(module)

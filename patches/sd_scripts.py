@@ -170,6 +170,7 @@ class Session:
 
     def _on_load_model(self, original, args, kwargs, bound):
         """load_target_model: start the hooks with the VAE just loaded."""
+        self.patcher.settle()  # a wrapper imported train_network before sd-scripts' library: wrap it now
         result = original(*args, **kwargs)
         if self.config is None:
             self.configure(bound["args"])

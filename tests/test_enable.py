@@ -40,12 +40,13 @@ def enabled(tmp_path_factory) -> Env:
 @pytest.fixture()
 def enabled_here():
     """`python script args` in this process, with the start-up hook armed as the .pth line arms it."""
-    def start(script: Path, *args: str | Path) -> None:
+    def start(script: Path, *args: str | Path, runner: Path | None = None) -> None:
+        """Start `script` with `args` (`runner`: another file run as __main__ with the script as argv[0])."""
         argv = [str(script), *map(str, args)]
         lpl_plugin_boot.boot()
         sys.argv = argv
         sys.path.insert(0, str(script.parent))  # restored by the stand-in context
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_path(str(runner or script), run_name="__main__")
 
     yield start
     lpl_plugin_boot.disarm()
