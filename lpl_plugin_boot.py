@@ -27,46 +27,43 @@ OFF_WORDS = ("off", "false", "0", "no")
 ON_WORDS = ("on", "true", "1", "yes")
 AUTO_WORDS = ("", "auto")
 
-# Run by the .pth line in every interpreter (PTH is the .pth file's path). Cost: defining one class, one environment
-# lookup; then a string comparison per import until the first `library` is imported. Installed once even when site
-# reads the same site-packages twice (a venv's lib64 -> lib link).
-WATCH_SOURCE = '''\
-import os, sys
-class LPLWatch:
-    lpl_plugin_watch = True
-    def find_spec(self, name, path=None, target=None):
-        if name != "library" or path is not None:
-            return None
-        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
-        try:
-            from lpl_plugin_boot import on_library
-        except Exception:
-            on_library = None
-        if on_library is not None:
-            on_library(PTH)
-            return None
-        import importlib.machinery
-        spec = importlib.machinery.PathFinder.find_spec(name)
-        origin = getattr(spec, "origin", None) or ""
-        if os.path.isfile(os.path.join(os.path.dirname(origin), "train_util.py")):
-            sys.stderr.write("lpl-plugin: lpl-plugin is no longer installed in this Python environment but its "
-                             "activation file " + PTH + " remains; LPL will not run in this training (delete " + PTH +
-                             " to remove this line)\\n")
-        return None
-if os.environ.get("LPL_PLUGIN", "").strip().lower() not in ("off", "false", "0", "no") and not any(
-        getattr(f, "lpl_plugin_watch", False) for f in sys.meta_path):
-    sys.meta_path.insert(0, LPLWatch())
+# What the watch finder runs on the first import of a `library` (compiled only then, in a namespace holding PTH, the
+# .pth file's path): hand over to `on_library`, or, when lpl-plugin cannot be imported any more, one line in a process
+# importing an sd-scripts checkout's `library`.
+ON_LIBRARY_SOURCE = '''\
+import importlib.machinery, os, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "lpl_plugin_watch", False)]
+try:
+    from lpl_plugin_boot import on_library
+except Exception:
+    origin = getattr(importlib.machinery.PathFinder.find_spec("library"), "origin", None) or ""
+    if os.path.isfile(os.path.join(os.path.dirname(origin), "train_util.py")):
+        sys.stderr.write("lpl-plugin: lpl-plugin is no longer installed in this Python environment but its activation "
+                         "file " + PTH + " remains; LPL will not run in this training (delete " + PTH + " to remove "
+                         "this line)\\n")
+else:
+    on_library(PTH)
 '''
 
 
 def pth_line(pth: str | os.PathLike[str]) -> str:
-    """The line `lpl-plugin enable` writes into `pth`: the watch finder's source, run in a namespace of its own."""
-    return f"import sys; exec({WATCH_SOURCE!r}, {{'__name__': 'lpl_plugin_activate', 'PTH': {str(pth)!r}}})\n"
+    """The line `lpl-plugin enable` writes into `pth`, run by `site` at every interpreter start.
+
+    Unless LPL_PLUGIN says off, it puts a finder first on sys.meta_path whose find_spec is one lambda: a string
+    comparison with "library" per import, nothing else. No import and no second code string is compiled at start-up
+    (compiling source is what costs: a class with a method compiled from a string took about 0.9 ms here).
+    """
+    on_hit = f"exec({ON_LIBRARY_SOURCE!r}, {{'PTH': {str(pth)!r}}})"
+    finder = ('type("LPLWatch", (), {"lpl_plugin_watch": True, "find_spec": lambda self, name, path=None, target=None: '
+              f'None if name != "library" or path is not None else {on_hit}}})()')
+    return (f'import os, sys; os.environ.get("{ENV}", "").strip().lower() in {OFF_WORDS!r} or '
+            f"sys.meta_path.insert(0, {finder})\n")
 
 
 def boot(pth: str | os.PathLike[str] = PTH_NAME) -> None:
     """Arm this process as the `.pth` line does (in-process tests, embedded interpreters); idempotent."""
-    exec(WATCH_SOURCE, {"__name__": "lpl_plugin_activate", "PTH": str(pth)})
+    if armed() is None:
+        exec(pth_line(pth), {})
 
 
 def armed() -> Any:
@@ -90,6 +87,14 @@ def mode() -> str:
     if word in OFF_WORDS:
         return "off"
     return raw
+
+
+def data_worker() -> bool:
+    """Whether this is a spawned multiprocessing child (a DataLoader worker) re-importing the main script: it only
+    loads data. (torch's import makes `__mp_main__` an alias of `__main__` in every process; only in a child is it
+    a module of that name, the script being re-run.)"""
+    mp_main = sys.modules.get("__mp_main__")
+    return "--multiprocessing-fork" in sys.argv or getattr(mp_main, "__name__", None) == "__mp_main__"
 
 
 def library_root() -> str | None:
@@ -145,7 +150,7 @@ def on_library(pth: str) -> None:
     try:
         root = library_root()
         chosen = mode()
-        if root is None or chosen == "off":
+        if root is None or chosen == "off" or data_worker():
             return
         from lpl_plugin import activation
         script, argv = running_script(root)

@@ -15,6 +15,9 @@ from typing import Any, Mapping, Sequence
 
 from .cli_args import FALSE_WORDS
 
+# Largest TOML read to decide whether a run asks (sd-scripts reads any size; far beyond any real training config).
+MAX_HOST_TOML = 64 << 20
+
 def reads_as_on(value: Any) -> bool:
     """Whether a use_lpl value asks for LPL: set, and neither False nor a false word (false/0/no/off, any case)."""
     if value is None or value is False:
@@ -52,7 +55,10 @@ def host_settings(path: str) -> dict[str, Any] | None:
     except ImportError:
         import tomllib as reader  # type: ignore[no-redef]
         decode_errors = (reader.TOMLDecodeError,)
-    if not os.path.isfile(path):
+    try:  # a regular file sd-scripts could read at all; a special or gigantic one is left to sd-scripts
+        if not os.path.isfile(path) or os.path.getsize(path) > MAX_HOST_TOML:
+            return None
+    except (OSError, ValueError):
         return None
     try:
         with open(path, encoding="utf-8") as file:

@@ -1,8 +1,8 @@
 """`lpl-launch SCRIPT ARGS...`: run sd-scripts' SDXL trainer as `__main__` with LPL hooked in, no file changed.
 
 Also `accelerate launch [accelerate options] -m lpl_plugin.launch SCRIPT ARGS...`; the explicit way in where
-`lpl-plugin enable` is not wanted (it works enabled or not). Order: when the run asks for LPL (lpl_plugin.asked),
-check the TOML named by `--config_file` (exit 2, one line per problem, before any model is loaded), put the script's folder on sys.path,
+`lpl-plugin enable` is not wanted (it works enabled or not). Order: check the TOML named by `--config_file` (exit 2,
+one line per problem, before any model is loaded: whoever starts this launcher asks for the plugin), put the script's folder on sys.path,
 install the sd-scripts adapter (which also adds `--use_lpl`/`--lpl_*` to the script's own parser), run the script.
 
 DataLoader workers: under the fork start method they inherit the adapter, which only touches main-process code
@@ -21,7 +21,6 @@ from typing import Sequence
 import lpl_plugin_boot
 
 from .activation import config_file, preflight
-from .asked import asks_from_argv
 from .errors import UserError, from_plugin, write_lines
 
 USAGE = ("usage: lpl-launch SCRIPT [SCRIPT ARGS...]\n"
@@ -37,7 +36,7 @@ def run(script: str, argv: Sequence[str]) -> None:
     lpl_plugin_boot.disarm()  # enabled in this environment too: this launcher installs the adapter, once
     kind = script_kind(script)
     config = config_file(argv)
-    if config is not None and asks_from_argv(argv):
+    if config is not None:
         preflight(config)  # before torch or the adapter is imported: a bad config fails within a fraction of a second
     from .patches import sd_scripts
     folder = str(Path(script).resolve().parent)
