@@ -34,6 +34,16 @@ def asks_in(values: Mapping[str, Any]) -> bool:
     return reads_as_on(values.get("lpl_enabled") if value is None else value)
 
 
+def unasked_warning(values: Mapping[str, Any]) -> list[str]:
+    """The one warning a run that does not ask may get: lpl_* settings given while use_lpl is not set at all."""
+    if values.get("use_lpl") is not None or values.get("lpl_enabled") is not None:
+        return []
+    if not any(isinstance(k, str) and k.startswith("lpl_") and v is not None for k, v in values.items()):
+        return []
+    return ["lpl-plugin: warning: lpl_* settings are given but use_lpl is not, so LPL is off; add use_lpl = true (or "
+            "--use_lpl) to turn it on"]
+
+
 def config_path(argv: Sequence[str]) -> str | None:
     """The TOML path the host will read: the last `--config_file X` / `--config_file=X`, with `.toml` as it adds it."""
     found = None

@@ -22,8 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from lpl_plugin.asked import asks_in
-from lpl_plugin.config import LPLConfig, is_lpl_key
+from lpl_plugin.asked import asks_in, unasked_warning
+from lpl_plugin.config import LPLConfig
 from lpl_plugin.errors import write_lines
 from lpl_plugin.hook import LPLHook
 from lpl_plugin.plugins import (DISABLE_OPTION, HostContext, Plugin, add_plugin_arguments, disabled_names, discover,
@@ -151,11 +151,8 @@ class Session:
         """
         values = vars(args)
         if not asks_in(values):
+            write_lines(unasked_warning(values))
             self.config = LPLConfig()
-            if values.get("use_lpl") is None and values.get("lpl_enabled") is None and any(
-                    is_lpl_key(k) and v is not None for k, v in values.items()):
-                write_lines(["lpl-plugin: warning: lpl_* settings are given but use_lpl is not, so LPL is off; add "
-                             "use_lpl = true (or --use_lpl) to turn it on"])
             return self.config
         source = "sd-scripts arguments (config file and command line)"
         checked = check_training_mapping(values, source, num_train_timesteps=NUM_TRAIN_TIMESTEPS)

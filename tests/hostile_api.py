@@ -44,7 +44,7 @@ def config_chunk_zero():
 @case
 def config_weight_string():
     from lpl_plugin import LPLConfig
-    return LPLConfig(lpl_weight="1.5")
+    return LPLConfig(lpl_weight="1.5kg")  # "1.5" is the number 1.5 (GUIs type numbers as strings)
 
 
 @case

@@ -76,6 +76,17 @@ def test_every_start_mode_trains_with_lpl(enabled, tmp_path, start):
     assert trained_with_lpl(tmp_path)
 
 
+def test_spawned_loader_workers_only_load_data(enabled, tmp_path):
+    import json
+
+    config = write_config(tmp_path, LPL_ONE_BLOCK, host_keys(tmp_path) + "\nmax_data_loader_n_workers = 1")
+    done = run([enabled.python, root("v0_10_1") / "sdxl_train_network.py", "--config_file", config])
+    assert done.returncode == 0 and "lpl-plugin" not in done.stderr, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["loader_pids"] and summary["main_pid"] not in summary["loader_pids"]
+    assert trained_with_lpl(tmp_path)
+
+
 def test_lpl_plugin_off_skips_activation_for_one_run(enabled, tmp_path):
     config = write_config(tmp_path, "use_lpl = true\nlpl_weight = -1\n", host_keys(tmp_path))
     done = run([enabled.python, root("v0_10_1") / "sdxl_train_network.py", "--config_file", config],
