@@ -50,15 +50,15 @@ def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
 
 def tested_line(root: Path) -> str:
     """Whether the checkout's files are those of a commit CI tests against, naming it, or else the ones it does."""
-    from .patches.sd_scripts_tested import find_tested_commit, tested_labels
+    from .patches.sd_scripts_tested import find_tested_commit, all_tested_labels
 
     try:
         commit = find_tested_commit(root)
     except UserError as error:
-        return f"  tested in CI: cannot tell ({error}); tested commits: {tested_labels()}"
+        return f"  tested in CI: cannot tell ({error}); tested commits: {all_tested_labels()}"
     if commit is None:
         return f"  tested in CI: not this commit (its trainer and library/*.py files match none of the tested " \
-               f"commits: {tested_labels()})"
+               f"commits: {all_tested_labels()})"
     return f"  tested in CI: {commit.label}: lpl-plugin's real-source tests run against exactly these files"
 
 

@@ -77,6 +77,6 @@ def find_tested_commit(root: str | Path) -> KnownCommit | None:
     return next((c for c in TESTED_COMMITS if c.digest == digest), None)
 
 
-def tested_labels() -> str:
+def all_tested_labels() -> str:
     """Every tested commit in one phrase, oldest first."""
     return ", ".join(c.label for c in TESTED_COMMITS)

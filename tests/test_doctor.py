@@ -8,14 +8,14 @@ import subprocess
 import pytest
 
 from lpl_plugin.cli import main
-from lpl_plugin.patches.sd_scripts_tested import TESTED_COMMITS, tested_labels
+from lpl_plugin.patches.sd_scripts_tested import TESTED_COMMITS, all_tested_labels
 from tests.sd_sources import BESIDE_REPO, SOURCES_ENV, archives, sources_folder
 from tests.standin_fixtures import root, write_config
 
 SNAPSHOTS_FOLDER = sources_folder(beside_repo=True)
 SNAPSHOTS = archives(SNAPSHOTS_FOLDER) if SNAPSHOTS_FOLDER else []
 NOT_TESTED = f"  tested in CI: not this commit (its trainer and library/*.py files match none of the tested commits: " \
-             f"{tested_labels()})"
+             f"{all_tested_labels()})"
 
 
 def doctor(capsys, *argv: str) -> tuple[int, list[str]]:
