@@ -35,6 +35,7 @@ def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
     else:
         known = KNOWN_FINGERPRINTS.get(print_, "not a release lpl-plugin was tested with")
         lines.append(f"  revision: no .git folder; seam fingerprint {print_} = {known}")
+    lines.append(tested_line(root))
     ok = True
     for script, kind in SCRIPTS.items():
         layout, problems = detect(reader, kind)
@@ -45,6 +46,20 @@ def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
             ok = False
             lines.append(f"  {script} ({KIND_NAMES[kind]}): NOT supported: " + "; ".join(problems))
     return lines, ok
+
+
+def tested_line(root: Path) -> str:
+    """Whether the checkout's files are those of a commit CI tests against, naming it, or else the ones it does."""
+    from .patches.sd_scripts_tested import find_tested_commit, all_tested_labels
+
+    try:
+        commit = find_tested_commit(root)
+    except UserError as error:
+        return f"  tested in CI: cannot tell ({error}); tested commits: {all_tested_labels()}"
+    if commit is None:
+        return f"  tested in CI: not this commit (its trainer and library/*.py files match none of the tested " \
+               f"commits: {all_tested_labels()})"
+    return f"  tested in CI: {commit.label}: lpl-plugin's real-source tests run against exactly these files"
 
 
 def git_describe(root: Path) -> str | None:

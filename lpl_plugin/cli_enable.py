@@ -2,8 +2,8 @@
 
 `enable` writes `lpl_plugin_activate.pth` into the site-packages this interpreter installs into
 (`sysconfig.get_paths()["purelib"]`), or into the user site-packages when lpl-plugin itself is a `pip install --user`
-there. Its one line costs a string comparison at interpreter start and imports nothing unless the process runs
-sd-scripts' `sdxl_train_network.py` or `sdxl_train.py` (see lpl_plugin_boot). `disable` removes it.
+there. Its one line defines a tiny import watcher at interpreter start (no import; see lpl_plugin_boot for what it
+costs) that wakes only when a process imports an sd-scripts checkout's `library`. `disable` removes it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def state() -> tuple[str, Path]:
     if not path.is_file():
         return "disabled", path
     try:
-        current = path.read_text(encoding="utf-8") == lpl_plugin_boot.pth_line()
+        current = path.read_text(encoding="utf-8") == lpl_plugin_boot.pth_line(path)
     except (OSError, UnicodeDecodeError):
         current = False
     return ("enabled" if current else "stale"), path
@@ -68,7 +68,7 @@ def _enable(args: argparse.Namespace) -> int:
         raise UserError(f"cannot enable LPL for {sys.executable}: {path.parent} is not writable; run this as the "
                         "user who owns that environment, or install lpl-plugin into sd-scripts' virtual environment")
     before, _ = state()
-    path.write_text(lpl_plugin_boot.pth_line(), encoding="utf-8")
+    path.write_text(lpl_plugin_boot.pth_line(path), encoding="utf-8")
     again = " (it was already; the file was rewritten)" if before == "enabled" else ""
     print(f"LPL enabled for {sys.executable}{again}: {path}\nsdxl_train_network.py and sdxl_train.py of sd-scripts "
           "now read use_lpl / lpl_* from their TOML and command line however they are started; "

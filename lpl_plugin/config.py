@@ -3,6 +3,8 @@
 Every way of building an LPLConfig (the constructor, `replace`, `from_mapping`, a TOML file, argparse, a GUI's
 `validate`) runs the same checks (`problems_of`) and raises one ConfigError listing every problem. Choices are
 `Literal` types, read by the schema, argparse and GUIs from here; numbers have bounds that keep the loss finite.
+A string that reads as the option's type under the command line's rules (`"1.0"`, `"1000"`, `"true"`) is that value
+wherever settings are read: GUIs such as LoRA_Easy_Training_Scripts write every extra value as a TOML string.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import difflib
 import math
 import numbers
 import typing
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping
 
+from .cli_args import FALSE_WORDS, TRUE_WORDS, integer
 from .errors import UserError
 from .messages import shown, show_value, type_name
 
@@ -218,8 +222,29 @@ def _got(value: Any) -> str:
     return f"got {show_value(value)} ({type_name(value)})"
 
 
+def _as_bool(value: Any) -> bool | None:
+    """A bool option's value as a bool: a bool, or a string of the command line's true/false words; else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+    return None
+
+
+def _from_text(value: str, kind_: str) -> int | float | None:
+    """A number option given as a string (GUIs write every value as one), read as the command line reads it."""
+    try:
+        return integer(value) if kind_ == "int" else float(value)
+    except (ArgumentTypeError, ValueError):
+        return None
+
+
 def _as_number(value: Any, kind_: str) -> int | float | None:
-    """An int or float option's value as a Python number (numpy and torch scalars included), or None."""
+    """An int or float option's value as a Python number (numpy and torch scalars, and strings that read as one under
+    the command line's rules, included), or None."""
+    if isinstance(value, str):
+        return _from_text(value, kind_)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     if kind_ == "int":
@@ -241,7 +266,7 @@ def check_value(name: str, value: Any) -> str | None:
     # `[lpl_x]` and `lpl_x = {..}` parse alike, so a table gets advice that covers both
     table_hint = f"; write `{name} = ...` (not a [{name}] table or an inline table)" if isinstance(value, dict) else ""
     if kind_ == "bool":
-        return None if isinstance(value, bool) else f"{key} must be true or false, {_got(value)}{table_hint}"
+        return None if _as_bool(value) is not None else f"{key} must be true or false, {_got(value)}{table_hint}"
     if kind_ == "str":
         valid = choices(name) or ()
         if isinstance(value, str) and value in valid:
@@ -256,7 +281,7 @@ def check_value(name: str, value: Any) -> str | None:
         return f"{key} must be a finite number, got {show_value(value)}"
     meta = f.metadata
     low, high = meta["minimum"], meta["maximum"]
-    if math.isinf(number) and kind_ == "float" and not isinstance(value, numbers.Integral):
+    if math.isinf(number) and kind_ == "float" and (isinstance(value, str) or not isinstance(value, numbers.Integral)):
         return f"{key} must be a finite number, got {show_value(value)}"
     if low is not None and high is not None and not low <= number <= high:
         return f"{key} must be between {_fmt(low)} and {_fmt(high)}, got {show_value(value)}"
@@ -275,7 +300,8 @@ def normalized(values: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for name, value in values.items():
         kind_ = kind(name)
-        out[name] = _as_number(value, kind_) if kind_ in ("int", "float") else value
+        out[name] = _as_number(value, kind_) if kind_ in ("int", "float") else _as_bool(value) if kind_ == "bool" \
+            else value
     return out
 
 

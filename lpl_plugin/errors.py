@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable, TextIO
+from typing import Iterable, NoReturn, TextIO
 
 from .messages import one_line
 
@@ -43,3 +43,17 @@ def write_lines(lines: Iterable[str], stream: TextIO | None = None) -> None:
     if text and stream is not None:  # no stderr at all under pythonw
         stream.write(text)
         stream.flush()
+
+
+HOST_PREFIX = "lpl-plugin"
+
+
+def from_plugin(lines: Iterable[str]) -> list[str]:
+    """Lines printed inside a host process, each saying it comes from lpl-plugin (`lpl-plugin: ` unless it does)."""
+    return [line if line.startswith(HOST_PREFIX) else f"{HOST_PREFIX}: {line}" for line in lines]
+
+
+def exit_refused(lines: Iterable[str]) -> NoReturn:
+    """End a host process with status 2 after printing lines, each marked as lpl-plugin's, on stderr in one write."""
+    write_lines(from_plugin(lines))
+    raise SystemExit(2)

@@ -1,8 +1,8 @@
 """`lpl-launch SCRIPT ARGS...`: run sd-scripts' SDXL trainer as `__main__` with LPL hooked in, no file changed.
 
 Also `accelerate launch [accelerate options] -m lpl_plugin.launch SCRIPT ARGS...`; the explicit way in where
-`lpl-plugin enable` is not wanted (it works enabled or not). Order: check the TOML named by
-`--config_file` (exit 2, one line per problem, before any model is loaded), put the script's folder on sys.path,
+`lpl-plugin enable` is not wanted (it works enabled or not). Order: check the TOML named by `--config_file` (exit 2,
+one line per problem, before any model is loaded: whoever starts this launcher asks for the plugin), put the script's folder on sys.path,
 install the sd-scripts adapter (which also adds `--use_lpl`/`--lpl_*` to the script's own parser), run the script.
 
 DataLoader workers: under the fork start method they inherit the adapter, which only touches main-process code
@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import lpl_plugin_boot
+
 from .activation import config_file, preflight
-from .errors import UserError, write_lines
+from .errors import UserError, from_plugin, write_lines
 
 USAGE = ("usage: lpl-launch SCRIPT [SCRIPT ARGS...]\n"
          "       accelerate launch [ACCELERATE ARGS...] -m lpl_plugin.launch SCRIPT [SCRIPT ARGS...]\n"
@@ -31,9 +33,7 @@ def run(script: str, argv: Sequence[str]) -> None:
     """Check, install the adapter and run the script as `__main__` with `argv` as its arguments."""
     from .patches.sd_scripts_seams import script_kind
 
-    boot = sys.modules.get("lpl_plugin_boot")
-    if boot is not None:  # enabled in this environment too: this launcher installs the adapter, once
-        boot.disarm()
+    lpl_plugin_boot.disarm()  # enabled in this environment too: this launcher installs the adapter, once
     kind = script_kind(script)
     config = config_file(argv)
     if config is not None:
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(argv[0], argv[1:])
     except UserError as error:
-        write_lines(error.lines())
+        write_lines(from_plugin(error.lines()))
         return 2
     return 0
 

@@ -37,9 +37,12 @@ class OnImport:
     def __init__(self, names: Iterable[str], callback: Callable[[str], None]):
         self.pending = set(names)
         self.callback = callback
+        self.deferred: set[str] = set()  # imported, but still running their code (a wrapper imported them first)
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
         """The spec the other finders give, with a patching loader for watched names; None for the rest."""
+        if self.deferred:
+            self.settle()
         if fullname not in self.pending:
             return None
         for finder in list(sys.meta_path):
@@ -58,18 +61,38 @@ class OnImport:
     def _loaded(self, name: str) -> None:
         """A watched module has run: stop watching it, and leave sys.meta_path when none is left."""
         self.pending.discard(name)
-        if not self.pending:
+        if not self.pending and not self.deferred:
             self.remove()
         self.callback(name)
 
     def install(self) -> "OnImport":
-        """Report the watched modules already imported, and watch for the others."""
+        """Report the watched modules already imported, and watch for the others (and for those still running)."""
         for name in sorted(self.pending & set(sys.modules)):
-            self._loaded(name)
-        if self.pending:
+            if _initializing(sys.modules[name]):
+                self.pending.discard(name)
+                self.deferred.add(name)
+            else:
+                self._loaded(name)
+        if self.pending or self.deferred:
             sys.meta_path.insert(0, self)
         return self
+
+    def settle(self) -> None:
+        """Report the deferred modules that have finished running their code."""
+        for name in sorted(self.deferred):
+            module = sys.modules.get(name)
+            if module is None or not _initializing(module):
+                self.deferred.discard(name)
+                if not self.pending and not self.deferred:
+                    self.remove()
+                if module is not None:
+                    self.callback(name)
 
     def remove(self) -> None:
         """Stop watching."""
         sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+
+
+def _initializing(module: Any) -> bool:
+    """Whether a module in sys.modules is still running its code (imported by a module being imported)."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))

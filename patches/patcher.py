@@ -4,7 +4,8 @@ A target is (modules, "function" or "Class.method", body). The wrapper binds eac
 and hands the body `(original, args, kwargs, bound_arguments)`; re-exports of one function (a shim module importing
 it from another) share one wrapper, and a wrapper called again from inside itself runs the original. Modules are
 patched now (`patch`, the launcher) or the moment the host imports them (`patch_on_import`, the enabled path).
-User errors raised in a body end the process with status 2 and one line each when `exit_on_error` is set.
+User errors raised in a body end the process with status 2 and one line each (marked as lpl-plugin's) when
+`exit_on_error` is set.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ import importlib
 import inspect
 from typing import Any, Callable, Iterator, Sequence
 
-from lpl_plugin.errors import UserError
+from lpl_plugin.errors import UserError, exit_refused
 
 from .on_import import OnImport
-from .sd_scripts_seams import refuse
 
 Body = Callable[[Callable[..., Any], tuple, dict, dict], Any]
 Target = tuple[tuple[str, ...], str, Body]
@@ -48,6 +48,11 @@ class Patcher:
     def patch_on_import(self) -> None:
         """Wrap each host module's functions the moment it is imported."""
         self._watch = OnImport(self.modules(), self.patch_module).install()
+
+    def settle(self) -> None:
+        """Wrap the functions of watched modules that were still running when the adapter was installed."""
+        if self._watch is not None:
+            self._watch.settle()
 
     def patch_module(self, module: str) -> None:
         """Wrap the targets living in one (imported) module."""
@@ -90,7 +95,7 @@ class Patcher:
             yield
         except UserError as error:
             if self.exit_on_error:
-                refuse(error)
+                exit_refused(error.lines())
             raise
 
     def _wrap(self, name: str, original: Callable[..., Any], body: Body) -> Callable[..., Any]:

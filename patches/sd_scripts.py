@@ -22,7 +22,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from lpl_plugin.asked import asks_in, unasked_warning
 from lpl_plugin.config import LPLConfig
+from lpl_plugin.errors import write_lines
 from lpl_plugin.hook import LPLHook
 from lpl_plugin.plugins import (DISABLE_OPTION, HostContext, Plugin, add_plugin_arguments, disabled_names, discover,
                                 start_hooks, to_stderr)
@@ -71,6 +73,8 @@ class Session:
         self._start_args: Any = None
         self._started = False
         self._step: _Step | None = None
+        self.loss_applied = False  # the wrapped loss ran in a training step
+        self._backward_checked = False
         self.patcher = Patcher(self.targets())
 
     @property
@@ -141,9 +145,18 @@ class Session:
         return parsed
 
     def configure(self, args: Any) -> LPLConfig:
-        """Resolve the effective settings from the host's parsed arguments (TOML plus command line); ConfigError."""
+        """Resolve the effective settings from the host's parsed arguments (TOML plus command line); ConfigError.
+
+        Whether the run asks for LPL is decided first (lpl_plugin.asked); only a run that asks is checked. One that
+        does not keeps LPL off whatever its `lpl_*` values, with at most one warning line.
+        """
+        values = vars(args)
+        if not asks_in(values):
+            write_lines(unasked_warning(values))
+            self.config = LPLConfig()
+            return self.config
         source = "sd-scripts arguments (config file and command line)"
-        checked = check_training_mapping(vars(args), source, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+        checked = check_training_mapping(values, source, num_train_timesteps=NUM_TRAIN_TIMESTEPS)
         self.config = checked.raise_for_problems()
         if self.active:
             c = self.config
@@ -155,6 +168,7 @@ class Session:
 
     def _on_load_model(self, original, args, kwargs, bound):
         """load_target_model: start the hooks with the VAE just loaded."""
+        self.patcher.settle()  # a wrapper imported train_network before sd-scripts' library: wrap it now
         result = original(*args, **kwargs)
         if self.config is None:
             self.configure(bound["args"])
@@ -185,6 +199,8 @@ class Session:
         agree_on_hooks(hook_versions(self.registry, self.plugins or []))  # several processes: the same hooks
         if not self.running:
             return
+        if self.active:
+            self.patcher.replace(accelerator, "backward", self._backward_after_loss)
         accelerator.register_save_state_pre_hook(self._save_state)
         accelerator.register_load_state_pre_hook(self._load_state)
         self._wrap_accelerator(accelerator)
@@ -199,6 +215,17 @@ class Session:
     def _log_with_hooks(self, original: Callable[..., Any], values: dict, *args: Any, **kwargs: Any) -> Any:
         """accelerator.log with the hooks' scalars added."""
         return original({**values, **self.take_logs()}, *args, **kwargs)
+
+    def _backward_after_loss(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """accelerator.backward; the first one stops the run when the wrapped loss did not run in this step."""
+        if not self._backward_checked:
+            self._backward_checked = True
+            if not self.loss_applied:
+                with self.patcher.reporting():
+                    raise UnsupportedHost(_host_root(), [
+                        f"the first optimizer step's loss did not go through {self.layout.loss_module}."
+                        "conditional_loss, where LPL is added"])
+        return original(*args, **kwargs)
 
     def _prepare_noting_loader(self, original: Callable[..., Any], *objects: Any, **kwargs: Any) -> Any:
         """accelerator.prepare, noting the length of the first data loader prepared (sd-scripts' train loader)."""
@@ -241,7 +268,8 @@ class Session:
     def _on_model_spec(self, original, args, kwargs, bound):
         """get_sai_model_spec: add the ss_lpl_* keys to the metadata of every saved model."""
         metadata = original(*args, **kwargs)
-        if self.active and isinstance(metadata, dict) and not getattr(bound["args"], "no_metadata", False):
+        if self.active and self.loss_applied and isinstance(metadata, dict) and \
+                not getattr(bound["args"], "no_metadata", False):
             metadata.update(self.metadata())
         return metadata
 
@@ -280,6 +308,7 @@ class Session:
             raise UnsupportedHost(_host_root(), ["conditional_loss was called in a training step without a matching "
                                                  "get_noise_noisy_latents_and_timesteps call before it"])
         extra = self.extra(step, pred, bound["target"])
+        self.loss_applied = True
         return add_per_sample(loss, extra, bound["reduction"], pred)
 
     def start(self, device: torch.device) -> None:

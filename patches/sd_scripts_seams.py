@@ -71,6 +71,7 @@ LAYOUTS = (V0_11, V0_10, V0_9)
 KNOWN_FINGERPRINTS = {
     "44791a5e30a7": "sd-scripts v0.10.1 (ae72efb) or main/dev up to 48d368f",
     "2074c1c9ec02": "sd-scripts v0.9.1 (8f4ee8f)",
+    "73b00647509b": "sd-scripts 5a18a03 (LoRA_Easy_Training_Scripts' pin) or 2e0fcc5 (kohya_ss v25.2.2's pin)",
 }
 
 

@@ -44,7 +44,7 @@ def config_chunk_zero():
 @case
 def config_weight_string():
     from lpl_plugin import LPLConfig
-    return LPLConfig(lpl_weight="1.5")
+    return LPLConfig(lpl_weight="1.5kg")  # "1.5" is the number 1.5 (GUIs type numbers as strings)
 
 
 @case
@@ -57,7 +57,7 @@ def config_blocks_bool():
 def config_all_wrong():
     from lpl_plugin import LPLConfig
     return LPLConfig(use_lpl=1, lpl_weight=-1, lpl_t_threshold=0, lpl_loss_type=None, lpl_norm_type=[],
-                     lpl_pow_law="yes", lpl_num_blocks=9, lpl_remove_outliers=0, lpl_scale=None,
+                     lpl_pow_law="yes please", lpl_num_blocks=9, lpl_remove_outliers=0, lpl_scale=None,
                      lpl_snr_gamma=float("inf"), lpl_start=-5, lpl_compat="x", lpl_dtype="fp8",
                      lpl_grad_mode={}, lpl_chunk_size=2 ** 80, lpl_checkpointing=1, lpl_max_bad_steps=1.5)
 

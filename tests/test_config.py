@@ -49,7 +49,7 @@ def test_no_lpl_keys_means_off(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ("lpl_wieght = 1.0", "unknown option `lpl_wieght` (did you mean `lpl_weight`?)"),
-    ('lpl_weight = "1.0"', '`lpl_weight` must be a number, got "1.0" (string)'),
+    ('lpl_weight = "1.0 kg"', '`lpl_weight` must be a number, got "1.0 kg" (string)'),
     ("lpl_num_blocks = true", "`lpl_num_blocks` must be an integer, got true (boolean)"),
     ("lpl_weight = true", "`lpl_weight` must be a number, got true (boolean)"),
     ("lpl_t_threshold = 200.0", "`lpl_t_threshold` must be an integer, got 200.0 (float)"),
@@ -58,7 +58,7 @@ def test_no_lpl_keys_means_off(tmp_path):
     ("lpl_weight = nan", "`lpl_weight` must be a finite number, got nan"),
     ("lpl_snr_gamma = 0", "`lpl_snr_gamma` must be greater than 0, got 0"),
     ('lpl_loss_type = "L2"', '`lpl_loss_type` must be one of "mse", "l1", got "L2"'),
-    ('use_lpl = "yes"', '`use_lpl` must be true or false, got "yes" (string)'),
+    ('use_lpl = "sure"', '`use_lpl` must be true or false, got "sure" (string)'),
     ("LPL_weight = 1.0", "`LPL_weight` is not an LPL option (did you mean `lpl_weight`?)"),
     ("[lpl]\nweight = 1.0", "[lpl] `weight` lacks the `lpl_` prefix"),
     ("use_lpl = true\nlpl_enabled = true", "`lpl_enabled` repeats `use_lpl`"),
@@ -178,3 +178,40 @@ def test_render_refuses_tables_that_are_not_safe_bare_keys(table):
 
     with pytest.raises(ArgumentError, match="`table` must be a bare TOML key"):
         render_toml(LPLConfig(), table=table)
+
+
+# -- values typed into GUIs: strings that read as the option's type under the command line's rules ----------------
+
+GUI_STRINGS = {"use_lpl": ("true", True), "lpl_weight": ("1.0", 1.0), "lpl_t_threshold": ("1000", 1000),
+               "lpl_snr_gamma": (" 2.5e0 ", 2.5), "lpl_pow_law": ("OFF", False), "lpl_num_blocks": ("2", 2)}
+
+
+def test_gui_strings_are_their_values_everywhere_settings_are_read(tmp_path):
+    import argparse
+
+    from lpl_plugin.preflight import check_training_mapping
+    from lpl_plugin.schema import validate
+
+    expected = LPLConfig(**{name: value for name, (_, value) in GUI_STRINGS.items()})
+    typed = {name: text for name, (text, _) in GUI_STRINGS.items()}
+    toml_text = "".join(f'{name} = "{text}"\n' for name, text in typed.items())
+    assert load_config(write(tmp_path, toml_text)) == expected
+    assert LPLConfig.from_mapping({"lpl": typed}) == expected
+    assert validate(typed) == {}
+    namespace = argparse.Namespace(**typed, learning_rate="1e-4")  # what sd-scripts hands over from a flat TOML
+    assert check_training_mapping(vars(namespace), "args").raise_for_problems() == expected
+    assert LPLConfig(**typed) == expected and isinstance(LPLConfig(**typed).lpl_t_threshold, int)
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("lpl_t_threshold", "1000.0", '`lpl_t_threshold` must be an integer, got "1000.0" (string)'),
+    ("lpl_t_threshold", "1e3", '`lpl_t_threshold` must be an integer, got "1e3" (string)'),
+    ("lpl_weight", "inf", '`lpl_weight` must be a finite number, got "inf"'),
+    ("lpl_weight", "", '`lpl_weight` must be a number, got "" (string)'),
+    ("lpl_weight", "500", '`lpl_weight` must be between 0 and 100, got "500"'),
+    ("lpl_pow_law", "enabled", '`lpl_pow_law` must be true or false, got "enabled" (string)'),
+])
+def test_gui_strings_that_do_not_read_as_the_type_are_refused(name, text, expected):
+    from lpl_plugin.schema import validate
+
+    assert validate({name: text}) == {name: [expected]}

@@ -2,7 +2,7 @@
 
 Subprocess tests run a real throw-away venv (tests/enabled_env.py) in which `python -m lpl_plugin enable` wrote the
 activation file, and start the stand-in trainers the way users and GUIs do. In-process tests arm the same start-up
-hook with `lpl_plugin_boot.boot(argv)` and run the script with runpy, as Python would.
+hook with `lpl_plugin_boot.boot()` and run the script with runpy, as Python would.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ def enabled(tmp_path_factory) -> Env:
 @pytest.fixture()
 def enabled_here():
     """`python script args` in this process, with the start-up hook armed as the .pth line arms it."""
-    def start(script: Path, *args: str | Path) -> None:
+    def start(script: Path, *args: str | Path, runner: Path | None = None) -> None:
+        """Start `script` with `args` (`runner`: another file run as __main__ with the script as argv[0])."""
         argv = [str(script), *map(str, args)]
-        lpl_plugin_boot.boot(argv)
+        lpl_plugin_boot.boot()
         sys.argv = argv
         sys.path.insert(0, str(script.parent))  # restored by the stand-in context
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_path(str(runner or script), run_name="__main__")
 
     yield start
     lpl_plugin_boot.disarm()
@@ -78,7 +79,7 @@ def test_enable_writes_the_line_disable_removes_it_and_doctor_says_which(tmp_pat
     assert out[6].startswith("report\nactivation: disabled")
     assert out[7].startswith(f"disable\nLPL was not enabled for {env.python}")
     env.lpl_plugin("enable")
-    assert pth.read_text() == lpl_plugin_boot.pth_line()  # and the console-script route writes the same line
+    assert pth.read_text() == lpl_plugin_boot.pth_line(pth)  # and the console-script route writes the same line
 
 
 def test_enable_refuses_a_site_packages_it_cannot_write(tmp_path, monkeypatch, capsys):
@@ -101,24 +102,33 @@ def test_other_processes_import_nothing(enabled, tmp_path):
     imported = [line.rsplit("|", 1)[-1].strip() for line in started.stderr.splitlines() if "|" in line]
     assert started.returncode == 0 and "site" in imported
     assert not [name for name in imported if name.startswith(("lpl_plugin", "torch", "diffusers"))]
-    # a script called sdxl_train.py outside an sd-scripts checkout: the boot module looks, and arms nothing
+    # a script called sdxl_train.py importing a `library` that is no sd-scripts checkout's: nothing is armed
     script = tmp_path / "sdxl_train.py"
-    script.write_text("import sys\nprint('lpl_plugin' in sys.modules, any(type(f).__name__ == 'Trigger' "
-                      "for f in sys.meta_path))\n")
+    (tmp_path / "library").mkdir()
+    (tmp_path / "library" / "__init__.py").write_text("")
+    script.write_text("import sys\nwatching = any(hasattr(f, 'lpl_plugin_watch') for f in sys.meta_path)\n"
+                      "import library\nprint(watching, 'lpl_plugin' in sys.modules, any(hasattr(f, "
+                      "'lpl_plugin_watch') for f in sys.meta_path))\n")
     done = enabled.run_python(str(script))
-    assert (done.returncode, done.stdout, done.stderr) == (0, "False False\n", "")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "True False False\n", "")
 
 
-def test_uninstalled_while_enabled_the_line_does_nothing_and_says_nothing(tmp_path):
+def test_uninstalled_while_enabled_an_sd_scripts_run_says_so_in_one_line_others_nothing(tmp_path):
     env = make_env(tmp_path / "venv", with_parent=False)  # lpl-plugin is not importable here
-    (env.purelib / lpl_plugin_boot.PTH_NAME).write_text(lpl_plugin_boot.pth_line())
+    pth = env.purelib / lpl_plugin_boot.PTH_NAME
+    pth.write_text(lpl_plugin_boot.pth_line(pth))
     checkout = tmp_path / "sd-scripts"
     (checkout / "library").mkdir(parents=True)
     (checkout / "library" / "__init__.py").write_text("")
     (checkout / "library" / "train_util.py").write_text("VALUE = 7\n")
     (checkout / "sdxl_train_network.py").write_text("from library import train_util\nprint(train_util.VALUE)\n")
     done = env.run_python(str(checkout / "sdxl_train_network.py"), "--config_file", "missing.toml")
-    assert (done.returncode, done.stdout, done.stderr) == (0, "7\n", "")
+    assert (done.returncode, done.stdout) == (0, "7\n")
+    assert done.stderr == (f"lpl-plugin: lpl-plugin is no longer installed in this Python environment but its "
+                           f"activation file {pth} remains; LPL will not run in this training (delete {pth} to "
+                           "remove this line)\n")
+    other = env.run_python("-c", "import json, sys; print(len(sys.argv))")
+    assert (other.returncode, other.stdout, other.stderr) == (0, "1\n", "")
 
 
 # -- sd-scripts started the usual ways ----------------------------------------------------------------------------
@@ -188,8 +198,8 @@ def test_config_mistakes_exit_2_before_the_script_loads_anything(tmp_path, enabl
     assert stopped.value.code == 2 and sd_scripts.current() is None
     assert "library.train_util" not in sys.modules
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"{config}: [lpl] unknown option `lpl_wieght` (did you mean `lpl_weight`?)",
-        f"{config}: [lpl] `lpl_num_blocks` must be between 0 and 4, got 7"]
+        f"lpl-plugin: {config}: [lpl] unknown option `lpl_wieght` (did you mean `lpl_weight`?)",
+        f"lpl-plugin: {config}: [lpl] `lpl_num_blocks` must be between 0 and 4, got 7"]
     assert not (tmp_path / "out").exists()
 
 
@@ -199,7 +209,8 @@ def test_bad_command_line_value_exits_2_in_one_line(tmp_path, enabled_here, caps
         enabled_here(folder / "sdxl_train_network.py", "--config_file", config, "--lpl_weight", "-1")
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "sd-scripts arguments (config file and command line): `lpl_weight` must be between 0 and 100, got -1.0"]
+        "lpl-plugin: sd-scripts arguments (config file and command line): `lpl_weight` must be between 0 and 100, "
+        "got -1.0"]
 
 
 @pytest.mark.parametrize("asks", ["toml", "command line", "no"])
@@ -229,7 +240,7 @@ def test_enabled_and_launched_installs_the_adapter_once(tmp_path):
 
     config = write_config(tmp_path, LPL_ON, host_keys(tmp_path, steps=1))
     with standin("v0_10_1") as folder:
-        lpl_plugin_boot.boot([str(folder / "sdxl_train_network.py")])  # as if the launcher's process were armed too
+        lpl_plugin_boot.boot()  # as if the launcher's process were armed too
         assert launch.main([str(folder / "sdxl_train_network.py"), "--config_file", str(config)]) == 0
         assert lpl_plugin_boot.armed() is None
         wrapped = sys.modules["library.train_util"].conditional_loss

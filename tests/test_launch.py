@@ -51,8 +51,8 @@ def test_config_problems_stop_the_run_before_anything_is_imported(tmp_path, caps
         assert launch.main([str(folder / "sdxl_train_network.py"), "--config_file", str(config)]) == 2
         assert "library" not in sys.modules
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"{config}: [lpl] unknown option `lpl_wieght` (did you mean `lpl_weight`?)",
-                     f"{config}: [lpl] `lpl_num_blocks` must be between 0 and 4, got 7"]
+    assert lines == [f"lpl-plugin: {config}: [lpl] unknown option `lpl_wieght` (did you mean `lpl_weight`?)",
+                     f"lpl-plugin: {config}: [lpl] `lpl_num_blocks` must be between 0 and 4, got 7"]
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,9 @@
-"""The adapter inside a real sd-scripts checkout: set LPL_SD_SCRIPTS_DIR to it and run with its venv's python.
+"""The adapter inside real sd-scripts code: a checkout, or every snapshot of the commits users run.
 
     LPL_SD_SCRIPTS_DIR=/path/to/sd-scripts /path/to/venv/bin/python -m pytest tests/test_sd_scripts_real.py
+    LPL_SD_SCRIPTS_SOURCES=/path/to/shared/sd_scripts_sources python -m pytest tests/test_sd_scripts_real.py
+
+Either way the python must have sd-scripts' packages (torchvision, transformers, opencv, ...) and lpl-plugin.
 
 Imports the real `library` modules and drives the real get_noise_noisy_latents_and_timesteps, conditional_loss,
 custom_train_functions weights, read_config_from_file, prepare_accelerator, get_sai_model_spec and NetworkTrainer
@@ -11,7 +14,6 @@ SDXL-layout VAE is handed to the adapter instead of loading a 7 GB checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,21 +24,28 @@ from lpl_plugin.diffusion import min_snr_weight, predict_z0, snr
 from lpl_plugin.loss import LatentPerceptualLoss
 from lpl_plugin.tiny import tiny_vae
 
+from .sd_sources import Source, real_sources
 from .standin_fixtures import hooks_off, on_path
 
-CHECKOUT = os.environ.get("LPL_SD_SCRIPTS_DIR")
-pytestmark = pytest.mark.skipif(not CHECKOUT, reason="set LPL_SD_SCRIPTS_DIR to an sd-scripts checkout")
+SOURCES, NOT_GIVEN = real_sources()
+pytestmark = pytest.mark.skipif(not SOURCES, reason=NOT_GIVEN)
 LPL_ON = "[lpl]\nuse_lpl = true\nlpl_t_threshold = 1000\nlpl_num_blocks = 2\n"
 
 
+@pytest.fixture(scope="module", params=SOURCES, ids=[s.name for s in SOURCES])
+def source(request) -> Source:
+    """One real sd-scripts tree (pytest runs every test of the module against one before the next)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def sd():
+def sd(source):
     """The real sd-scripts modules, imported from the checkout."""
     import importlib
 
     from lpl_plugin.patches import sd_scripts
 
-    with on_path(Path(CHECKOUT).resolve()):  # afterwards the real modules are forgotten, as after a stand-in
+    with on_path(source.root):  # afterwards the real modules are forgotten, as after a stand-in
         sd_scripts.install("lora")  # imports the modules it checks
         yield {name: importlib.import_module(name) for name in ("library.train_util", "library.custom_train_functions",
                                                                 "sdxl_train_network", "train_network")}
@@ -113,15 +122,21 @@ def sdxl_batch() -> dict:
             "target_sizes_hw": torch.tensor([[64, 64]] * 2)}
 
 
-def test_checkout_is_a_supported_release(sd):
+def test_checkout_is_a_supported_release(sd, source):
     from lpl_plugin.patches.sd_scripts_seams import (KNOWN_FINGERPRINTS, ModuleReader, SourceReader, detect,
                                                      fingerprint)
+    from lpl_plugin.patches.sd_scripts_tested import find_tested_commit
 
     for kind in ("lora", "full"):
         live, problems = detect(ModuleReader(), kind)
-        assert problems == [] and detect(SourceReader(CHECKOUT), kind)[0] == live
-    print(f"\n{CHECKOUT}: layout {live.name}, fingerprint {fingerprint(SourceReader(CHECKOUT))} = "
-          f"{KNOWN_FINGERPRINTS.get(fingerprint(SourceReader(CHECKOUT)))}")
+        assert problems == [] and detect(SourceReader(source.root), kind)[0] == live
+    known = find_tested_commit(source.root)
+    if source.archive is not None:  # a snapshot of a tested commit: recognised, with the layout it is listed with
+        assert known is not None and known.name == source.name and known.layout == live.name
+        assert known.commit == (source.root / "COMMIT").read_text().strip()
+    print(f"\n{source.root}: layout {live.name}, fingerprint {fingerprint(SourceReader(source.root))} = "
+          f"{KNOWN_FINGERPRINTS.get(fingerprint(SourceReader(source.root)))}; tested commit: "
+          f"{known.label if known else None}")
 
 
 def test_real_parser_shows_the_options_and_reads_toml_with_command_line_overrides(sd, tmp_path, capsys):

@@ -19,3 +19,9 @@ class NetworkTrainer(host.ProcessBatchTrainer):
 
 def setup_parser() -> argparse.ArgumentParser:
     return host.network_parser(train_util)
+
+
+if __name__ == "__main__":  # the SD 1.x LoRA trainer: here it reads its settings and reports them (no training)
+    parser = setup_parser()
+    args = train_util.read_config_from_file(parser.parse_args(), parser)
+    print(f"train_network.py read its settings: use_lpl={getattr(args, 'use_lpl', None)!r}")
