@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from lpl_plugin.compare.measure import measure_targets
 from lpl_plugin.config import LPLConfig
 from lpl_plugin.hook import LPLHook
 from lpl_plugin.plugins import (DISABLE_OPTION, HostContext, Plugin, add_plugin_arguments, disabled_names, discover,
@@ -102,6 +103,7 @@ class Session:
         ]
         if self.kind == "lora":
             found.append((("train_network",), "NetworkTrainer.generate_step_logs", self._on_step_logs))
+        found += measure_targets()  # `lpl-plugin compare` only (issue 20): step times and the in-process measure
         return found
 
     def patch(self) -> None:
