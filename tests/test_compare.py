@@ -106,6 +106,8 @@ def test_compare_trains_both_arms_and_writes_the_report(tmp_path, capsys):
     assert compare(config, out) == 0
     assert capsys.readouterr().out.count("finished earlier with these settings; reused") == 2
     assert len((out / "on" / "out" / "runs.txt").read_text().split()) == 1
+    statuses = [a["status"] for a in json.loads((out / "report.json").read_text())["arms"]]
+    assert statuses == ["trained; reused by a later run of the same compare"] * 2
 
 
 def test_interrupted_arm_resumes_from_its_state_and_other_settings_are_refused(tmp_path, capsys, monkeypatch):
@@ -113,12 +115,14 @@ def test_interrupted_arm_resumes_from_its_state_and_other_settings_are_refused(t
     out = tmp_path / "cmp"
     monkeypatch.setenv("LPL_STANDIN_INTERRUPT_AT", "3")  # the first arm stops after step 3 (state saved at 2)
     assert compare(config, out, "--holdout", "2") == 1
-    assert "off: training exited with status 1" in capsys.readouterr().err
+    assert "off: training was stopped by SIGINT; last line: KeyboardInterrupt" in capsys.readouterr().err
     monkeypatch.delenv("LPL_STANDIN_INTERRUPT_AT")
     assert compare(config, out, "--holdout", "2") == 0
     printed = capsys.readouterr().out
     assert "off: resumed from its saved state compare-step00000002-state" in printed
     report = json.loads((out / "report.json").read_text())
+    # the stand-in, like sd-scripts without skip_until_initial_step, counts from 1 again: the hook adds the state's step
+    assert [p[0] for p in report["curves"]["series"]["off"]["loss/current"]] == [1, 2, 3, 4]
     assert [a["status"] for a in report["arms"]] == ["resumed from its saved state compare-step00000002-state",
                                                      "trained"]
     assert report["measured_on"] == "2 held-out images (kept out of training)"
@@ -186,3 +190,26 @@ def test_arm_toml_reads_back_as_written():
     data = {"a": "quote \" and \\ and é", "b": [1, 2.5, True], "c": {"d": 1},
             "datasets": [{"resolution": 64, "subsets": [{"image_dir": "/x y", "num_repeats": 2}]}]}
     assert tomllib.loads(dumps(data)) == data
+
+
+def test_ctrl_c_stops_the_arm_and_the_compare_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    config = write_toml(tmp_path, make_dataset(tmp_path), steps=40)
+    out = tmp_path / "cmp"
+    argv = [sys.executable, "-m", "lpl_plugin", "compare", "--sd-scripts", str(root("v0_10_1")), "--config",
+            str(config), "--out", str(out), "--checkpoints", "1", "--sample-steps", "1", "--measure-images", "1",
+            "--noise-seeds", "1", "--noise-levels", "100"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("off: step 1/40"):
+            break
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the compare's process group
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "stopped; run the same command again to continue" in err
+    (pid,) = (out / "off" / "out" / "runs.txt").read_text().split()
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert not (out / "off" / "done.json").exists() and not (out / "on").exists()

@@ -11,7 +11,7 @@ GAP = 4
 TILE = 192
 # The curves drawn (report.json keeps every loss and lpl/* scalar): the host's loss, LPL's term and how often it applied.
 PLOTTED = ("loss", "loss/current", "loss/average", "lpl/loss", "lpl/weighted", "lpl/applied_fraction")
-COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+RGB = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 
 
 def grid_png(rows: Mapping[str, Mapping[int, Path]], columns: Sequence[int], path: Path, tile: int = TILE) -> None:
@@ -43,24 +43,39 @@ def grid_png(rows: Mapping[str, Mapping[int, Path]], columns: Sequence[int], pat
 
 
 def curves_png(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: Path, title: str) -> list[str]:
-    """One panel per quantity ("loss", "lpl/..."), one line per arm; returns the quantities drawn."""
-    from matplotlib.figure import Figure
+    """One panel per quantity ("loss/current", "lpl/loss", ...), one line per arm (the first wider), drawn with
+    Pillow alone (sd-scripts' environment has no matplotlib); returns the quantities drawn."""
+    from PIL import Image, ImageDraw
 
     present = {name for curves in series.values() for name, points in curves.items() if points}
     names = [name for name in PLOTTED if name in present]
-    figure = Figure(figsize=(7.5, 2.2 * max(1, len(names)) + 0.6), dpi=100, layout="constrained")
-    axes = figure.subplots(max(1, len(names)), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, name in zip(axes, names):
+    width, panel, left, right = 760, 190, 70, 110  # panel height and margins in pixels
+    canvas = Image.new("RGB", (width, 30 + panel * max(1, len(names)) + 20), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((left, 8), title, fill="black")
+    steps = [s for curves in series.values() for points in curves.values() for s, _ in points] or [0, 1]
+    low_step, high_step = min(steps), max(max(steps), min(steps) + 1)
+    for row, name in enumerate(names):
+        top, bottom = 30 + row * panel + 10, 30 + (row + 1) * panel - 25
+        values = [v for curves in series.values() for s, v in curves.get(name, [])]
+        low, high = min(values), max(values)
+        if high - low < 1e-12:
+            low, high = low - 0.5, high + 0.5
+        x = lambda step: left + (step - low_step) / (high_step - low_step) * (width - left - right)  # noqa: E731
+        y = lambda value: bottom - (value - low) / (high - low) * (bottom - top)  # noqa: E731
+        draw.rectangle((left, top, width - right, bottom), outline=(150, 150, 150))
+        draw.text((left + 4, top - 13), name, fill="black")
+        draw.text((4, top), f"{high:.4g}", fill=(90, 90, 90))
+        draw.text((4, bottom - 12), f"{low:.4g}", fill=(90, 90, 90))
+        draw.text((left, bottom + 3), f"step {low_step}", fill=(90, 90, 90))
+        draw.text((width - right - 50, bottom + 3), f"step {high_step}", fill=(90, 90, 90))
         for index, (arm, curves) in enumerate(series.items()):
-            points = curves.get(name) or []
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], color=COLORS[index % len(COLORS)],
-                        marker="." if len(points) < 30 else None, linewidth=1.2, label=arm,
-                        linestyle="--" if index == 0 else "-")
-        ax.set_ylabel(name, fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
-    axes[-1].set_xlabel("optimizer step")
-    figure.suptitle(title, fontsize=10)
-    figure.savefig(path)
+            color = RGB[index % len(RGB)]
+            points = [(x(s), y(v)) for s, v in curves.get(name, [])]
+            if len(points) > 1:  # the reference arm wider, so that an arm drawn over it on the same values shows
+                draw.line(points, fill=color, width=5 if index == 0 else 2)
+            for px, py in points if len(points) < 30 else []:
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
+            draw.text((width - right + 8, top + 14 * index), arm, fill=color)
+    canvas.save(path)
     return names

@@ -37,6 +37,7 @@ class Recorder:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.last_step: int | None = None
         self.last_time: float | None = None
+        self.offset: int | None = None  # added to the host's step numbers (a host that restarts counting on resume)
         self.paused = 0.0
         self.peak = 0
         atexit.register(self.write_memory)
@@ -50,7 +51,11 @@ class Recorder:
         """accelerator.log: note the step's time (less sampling and scoring) and its scalars, then log as usual."""
         now = time.perf_counter()
         step = kwargs.get("step", args[0] if args else None)
-        if isinstance(step, int) and step > 0 and values and step != self.last_step:
+        if isinstance(step, int) and step > 0 and values and self.offset is None:
+            resumed_at = int(self.plan.get("resumed_at") or 0)
+            self.offset = resumed_at if step <= resumed_at else 0
+        if isinstance(step, int) and step > 0 and values and step + (self.offset or 0) != self.last_step:
+            step += self.offset or 0
             seconds = None if self.last_time is None else now - self.last_time - self.paused
             scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
             self.append("steps.jsonl", {"step": step, "seconds": seconds, "values": scalars})

@@ -86,12 +86,12 @@ def arm_host(plan: Plan, arm: Arm, folder: Path, prompts_file: Path) -> dict[str
     return host
 
 
-def write_arm_toml(plan: Plan, arm: Arm, folder: Path, prompts_file: Path) -> Path:
-    """DIR/<arm>/config.toml for sd-scripts' --config_file."""
+def write_arm_toml(plan: Plan, arm: Arm, folder: Path, prompts_file: Path, more: dict[str, Any]) -> Path:
+    """DIR/<arm>/config.toml for sd-scripts' --config_file (`more`: keys for this attempt only, e.g. on resume)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text("# written by lpl-plugin compare; edit the compare's options instead\n"
-                    + dumps(arm_host(plan, arm, folder, prompts_file)), encoding="utf-8")
+                    + dumps({**arm_host(plan, arm, folder, prompts_file), **more}), encoding="utf-8")
     return path
 
 

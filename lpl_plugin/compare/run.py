@@ -18,7 +18,7 @@ from .dataset import hold_out, held_out_dataset, pick, training_images
 from .plan import (DONE_FILE, PLAN_FILE, Arm, Plan, arm_done, arm_host, check_dir, make_arms, prompt_lines,
                    prompts_from, sample_interval, write_arm_toml)
 from .report import Prompt, write_report
-from .runner import ArmFailed, command, last_state, python_executable, run_arm
+from .runner import ArmFailed, command, last_state, python_executable, run_arm, state_step
 
 SCRIPTS = {True: "sdxl_train_network.py", False: "sdxl_train.py"}
 
@@ -114,7 +114,7 @@ def train_arm(out: Path, plan: Plan, arm: Arm, prompts_file: Path) -> str:
     if arm_done(folder, fingerprint):
         status = json.loads((folder / DONE_FILE).read_text())["status"]
         say(f"{folder.name}: finished earlier with these settings; reused")
-        return status
+        return f"{status}; reused by a later run of the same compare"
     state = last_state(folder / "out")
     if state is not None:
         status = f"resumed from its saved state {state.name}"
@@ -125,9 +125,11 @@ def train_arm(out: Path, plan: Plan, arm: Arm, prompts_file: Path) -> str:
         shutil.rmtree(folder / "logs", ignore_errors=True)
     else:
         status = "trained"
-    config = write_arm_toml(plan, arm, folder, prompts_file)
+    # on resume, sd-scripts continues its step count from the state only with skip_until_initial_step
+    config = write_arm_toml(plan, arm, folder, prompts_file, {"skip_until_initial_step": True} if state else {})
     plan_file = folder / "measure_plan.json"
-    plan_file.write_text(json.dumps({**plan.measure, "out": str(folder / "measure")}, indent=2))
+    plan_file.write_text(json.dumps({**plan.measure, "out": str(folder / "measure"),
+                                     "resumed_at": state_step(state) if state else None}, indent=2))
     say(f"{folder.name}: {status} ({plan.steps} steps, use_lpl = {str(arm.lpl['use_lpl']).lower()}"
         f"{', lpl_weight = %g' % arm.lpl['lpl_weight'] if 'lpl_weight' in arm.lpl else ''}, seed {arm.seed}); "
         f"log: {folder / 'train.log'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,18 @@ def last_state(out: Path) -> Path | None:
     """The newest state folder sd-scripts saved under the arm's output folder (`*-state`), if any."""
     states = [p for p in out.glob("*state") if p.is_dir() and any(p.iterdir())] if out.is_dir() else []
     return max(states, key=lambda p: p.stat().st_mtime) if states else None
+
+
+def state_step(state: Path) -> int | None:
+    """The optimizer step a saved state was taken at: sd-scripts' train_state.json, lpl-plugin's state file, or the
+    folder's name (`...-step00000002-state`)."""
+    for name, key in (("train_state.json", "current_step"), ("lpl_plugin_state.json", "optimizer_steps")):
+        try:
+            return int(json.loads((state / name).read_text(encoding="utf-8"))[key])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    match = re.search(r"step(\d+)", state.name)
+    return int(match.group(1)) if match else None
 
 
 def read_steps(path: Path) -> list[dict]:
@@ -63,6 +76,7 @@ def run_arm(argv: list[str], folder: Path, plan_file: Path, total: int, label: s
         log.flush()
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(folder),
                                    start_new_session=True)
+        previous = signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the arm too, not only Ctrl-C
         try:
             while process.poll() is None:
                 time.sleep(POLL_SECONDS)
@@ -70,12 +84,15 @@ def run_arm(argv: list[str], folder: Path, plan_file: Path, total: int, label: s
         except KeyboardInterrupt:
             stop(process)
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     report_progress(steps_file, seen, total, label, say)
     if process.returncode != 0:
         tail = [line for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
         last = tail[-1] if tail else "(no output)"
-        raise ArmFailed(f"{label}: training exited with status {process.returncode}; last line: {last[:300]} "
-                        f"(full log: {log_path})", process.returncode)
+        code = process.returncode
+        ended = f"was stopped by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        raise ArmFailed(f"{label}: training {ended}; last line: {last[:300]} (full log: {log_path})", code)
 
 
 def report_progress(steps_file: Path, seen: int, total: int, label: str, say: Callable[[str], None]) -> int:
@@ -86,6 +103,11 @@ def report_progress(steps_file: Path, seen: int, total: int, label: str, say: Ca
         timing = f", {seconds:.2f} s/step" if isinstance(seconds, (int, float)) else ""
         say(f"{label}: step {record['step']}/{total}{timing}")
     return max(seen, len(records))
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: stop like Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def stop(process: subprocess.Popen) -> None:
