@@ -46,6 +46,7 @@ class Plan:
     prompts: list[dict[str, Any]]
     measure: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    dataset_keys: dict[str, Any] = field(default_factory=dict)  # a holdout's reduced dataset (follows from `extra`)
 
     def fingerprint(self) -> str:
         """A hash of the settings shared by all arms and the arm list."""
@@ -82,7 +83,7 @@ def arm_host(plan: Plan, arm: Arm, folder: Path, prompts_file: Path) -> dict[str
                  "sample_at_first": True, "sample_sampler": plan.host.get("sample_sampler") or "ddim"})
     for key in ("max_train_epochs", "sample_every_n_epochs", "resume", "wandb_api_key"):
         host.pop(key, None)
-    host.update(plan.extra)
+    host.update(plan.dataset_keys)
     return host
 
 

@@ -103,7 +103,7 @@ def prepare(out: Path, plan: Plan, dataset: dict[str, Any]) -> Path:
     prompts_file.write_text(prompt_lines(plan.prompts, tuple(plan.measure["size"]), plan.measure["sample_steps"]))
     if dataset["held"] is not None:
         moved = hold_out(dataset["parts"], dataset["held"], out / "data")
-        plan.extra = held_out_dataset(plan.host, dataset["data"], moved, out / "data")
+        plan.dataset_keys = held_out_dataset(plan.host, dataset["data"], moved, out / "data")
     return prompts_file
 
 
