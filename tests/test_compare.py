@@ -213,3 +213,32 @@ def test_ctrl_c_stops_the_arm_and_the_compare_cleanly(tmp_path):
     (pid,) = (out / "off" / "out" / "runs.txt").read_text().split()
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert not (out / "off" / "done.json").exists() and not (out / "on").exists()
+
+
+def test_report_pools_seeds_and_shows_missing_samples(tmp_path):
+    from PIL import Image
+
+    from lpl_plugin.compare.report import ArmResult, Prompt, write_report
+
+    sample = tmp_path / "s.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(sample)
+    arms = [ArmResult(name, {"use_lpl": name == "on", "seed": seed}, seed=seed,
+                      scores={"psnr": {0: [10.0] * 4, 5: [10.0 + shift + 0.01 * i for i in range(4)]}},
+                      step_times=[5.0, 5.0, 1.0, 1.0 + shift], curves={"loss": [(1, 0.5), (5, 0.4)]},
+                      applied_fraction=0.5 if name == "on" else None, peak_memory=2 ** 30, memory_kind="peak RSS",
+                      samples={"p0": {0: sample, 5: sample}} if name == "off" else {"p0": {5: sample}})
+            for seed in (0, 1) for name, shift in (("off", 0.0), ("on", 0.2 + 0.1 * seed))]
+    report = write_report(tmp_path / "r", arms, prompts=[Prompt("p0", "a red square", 7)], reference="off",
+                          measured_on="4 training images", title="t")
+    (psnr_entry,) = report["metrics"]
+    assert psnr_entry["difference"]["on"]["n"] == 8 and psnr_entry["difference"]["on"]["low"] > 0.19
+    assert psnr_entry["seed_spread"]["on"] == pytest.approx(0.0707, abs=1e-3) and psnr_entry["seed_spread"]["off"] == 0
+    assert report["verdict"].startswith("at step 5, on this measure: PSNR +0.25 dB") and "better" in report["verdict"]
+    costs = {c["arm"]: c for c in report["costs"]}
+    # medians per seed (first 2 steps left out) 1.1 and 1.15, their median 1.125 against 1.0
+    assert costs["on"]["extra_vs_reference"] == pytest.approx(0.125) and costs["on"]["steps_timed"] == 4
+    assert report["settings"]["differs"]["on seed 1"] == {"use_lpl": True, "seed": 1}
+    (grid,) = report["grids"]
+    assert grid["columns"] == [0, 5] and grid["rows"] == ["off", "on"]
+    with Image.open(tmp_path / "r" / grid["png"]) as image:  # the missing step-0 sample of "on" is a grey tile
+        assert image.getpixel((110 + 96, 22 + 192 + 4 + 20)) == (225, 225, 225)
