@@ -53,7 +53,7 @@ def write_toml(folder: Path, data: Path, lpl: str = "use_lpl = true\nlpl_t_thres
 def compare(config: Path, out: Path, *more: str) -> int:
     """Run `lpl-plugin compare` on the v0.10.1 stand-in with small measure settings."""
     return cli.main(["compare", "--sd-scripts", str(root("v0_10_1")), "--config", str(config), "--out", str(out),
-                     "--checkpoints", "2", "--sample-steps", "3", "--measure-images", "3", "--noise-seeds", "2",
+                     "--checkpoints", "2", "--sample-steps", "3", "--measure-images", "4", "--noise-seeds", "2",
                      "--noise-levels", "100",
                      *more])
 
@@ -75,11 +75,11 @@ def test_compare_trains_both_arms_and_writes_the_report(tmp_path, capsys):
     assert "off: step 4/4" in printed and "on: step 4/4" in printed and "verdict:" in printed
     report = json.loads((out / "report.json").read_text())
     assert finite_numbers(report) and [a["name"] for a in report["arms"]] == ["off", "on"]
-    assert report["checkpoints"] == [0, 2, 4] and report["measured_on"].startswith("3 training images")
+    assert report["checkpoints"] == [0, 2, 4] and report["measured_on"].startswith("4 training images")
     for metric in report["metrics"]:
         assert set(metric["per_arm"]) == {"off", "on"} and set(metric["difference"]) == {"on"}
         for interval in [*metric["per_arm"].values(), *metric["difference"].values()]:
-            assert interval["low"] <= interval["mean"] <= interval["high"] and interval["n"] == 3 * 2  # images x noise seeds at one noise level
+            assert interval["low"] <= interval["mean"] <= interval["high"] and interval["n"] == 4 * 2  # images x noise seeds at one noise level
     ssim_off = report["metrics"][1]["by_step"]["off"]
     assert ssim_off["0"] == report["metrics"][1]["by_step"]["on"]["0"]  # before any step both arms are one model
     costs = {c["arm"]: c for c in report["costs"]}
@@ -169,20 +169,23 @@ def test_psnr_and_ssim_on_known_images():
 
 
 def test_intervals_and_verdict():
-    values = [1.0, 2.0, 3.0, 4.0]
+    values = [1.0, 2.0, 3.0, 4.0] * 2
     interval = bootstrap_mean(values)
-    assert interval.mean == 2.5 and 1.0 <= interval.low < 2.5 < interval.high <= 4.0 and interval.n == 4
+    assert interval.mean == 2.5 and 1.0 <= interval.low < 2.5 < interval.high <= 4.0 and interval.n == 8
     same = paired_bootstrap(values, values)
     assert same.mean == same.low == same.high == 0.0
     shifted = paired_bootstrap(values, [v + 0.5 for v in values])
     assert shifted.low == shifted.high == 0.5
-    noisy = paired_bootstrap(values, [4.0, 1.0, 3.0, 2.0])
+    noisy = paired_bootstrap(values, [4.0, 1.0, 3.0, 2.0] * 2)
     assert noisy.low < 0 < noisy.high
     metric = {"label": "PSNR", "unit": "dB", "higher_is_better": True, "step": 10}
     assert verdict_line([{**metric, "difference": {"on": noisy.as_dict()}}], "off").startswith(
         "no measurable difference from off at step 10")
     line = verdict_line([{**metric, "difference": {"on": shifted.as_dict()}}], "off")
     assert "PSNR +0.5 dB" in line and line.endswith("better")
+    few = paired_bootstrap(values[:4], [v + 0.5 for v in values[:4]])
+    assert verdict_line([{**metric, "difference": {"on": few.as_dict()}}], "off").startswith(
+        "no verdict: 4 measured units")
     assert median_step_seconds([9.0, 9.0, 1.0, 2.0, 3.0]) == 2.0 and median_step_seconds([1.0, 2.0]) is None
 
 

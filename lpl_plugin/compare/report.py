@@ -87,8 +87,11 @@ def metric_entry(arms: Sequence[ArmResult], metric: str, reference: str, steps: 
 def cost_entries(arms: Sequence[ArmResult], reference: str, skip: int) -> list[dict[str, Any]]:
     """Seconds per step (median, first steps left out), the extra over the reference, applied fraction, peak memory."""
     medians: dict[str, list[float]] = {}
-    for arm in arms:
-        value = median_step_seconds(arm.step_times, skip)
+    skipped: dict[str, int] = {}
+    for arm in arms:  # a short run keeps at least one timed step
+        used = min(skip, max(0, len(arm.step_times) - 1))
+        skipped[arm.name] = max(skipped.get(arm.name, 0), used)
+        value = median_step_seconds(arm.step_times, used)
         if value is not None:
             medians.setdefault(arm.name, []).append(value)
     base = statistics.median(medians[reference]) if medians.get(reference) else None
@@ -100,7 +103,8 @@ def cost_entries(arms: Sequence[ArmResult], reference: str, skip: int) -> list[d
         memory = [a.peak_memory for a in group if a.peak_memory is not None]
         entries.append({
             "arm": name, "seconds_per_step": finite(seconds),
-            "steps_timed": sum(max(0, len(a.step_times) - skip) for a in group), "skipped_first": skip,
+            "steps_timed": sum(max(0, len(a.step_times) - skipped[name]) for a in group),
+            "skipped_first": skipped[name],
             "extra_vs_reference": finite(seconds / base - 1) if seconds is not None and base else None,
             "applied_fraction": finite(statistics.fmean(fractions)) if fractions else None,
             "peak_memory_bytes": max(memory) if memory else None, "memory_kind": group[0].memory_kind})

@@ -10,6 +10,7 @@ import numpy as np
 
 RESAMPLES = 2000
 LEVEL = 0.95
+MIN_UNITS = 8  # fewer paired units than this: a bootstrap interval says too little for a verdict
 
 
 @dataclass
@@ -83,6 +84,10 @@ def verdict_line(metrics: Sequence[dict[str, Any]], reference: str) -> str:
             if difference["low"] is None or difference["high"] is None:
                 continue
             checked.append(arm)
+            if difference["n"] < MIN_UNITS:
+                return (f"no verdict: {difference['n']} measured units (images x noise levels x noise seeds) are too "
+                        f"few for an interval to mean much (at least {MIN_UNITS}); raise --measure-images or "
+                        "--noise-seeds")
             if difference["low"] > 0 or difference["high"] < 0:
                 better = (difference["mean"] > 0) == metric["higher_is_better"]
                 found.append(f"{describe(metric, arm, difference, reference)}: {'better' if better else 'worse'}")
