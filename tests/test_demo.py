@@ -36,7 +36,7 @@ def demo_command(out: Path, config: Path, *extra: str) -> list[str]:
             "--steps", str(STEPS), "--save-every", "2", *SHORT, *extra]
 
 
-def run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     """Run a command to completion and capture its output."""
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
 
@@ -188,11 +188,11 @@ def test_inspect_reads_the_demo_vae(reference, tmp_path, capsys):
 def start_and_kill(command: list[str], checkpoint: Path, signum: int) -> tuple[int, str]:
     """Start a demo, send it `signum` as soon as `checkpoint` exists; returns its exit status and stderr."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600
     while not checkpoint.is_dir() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=600)
     return process.returncode, stderr
 
 

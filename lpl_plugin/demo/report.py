@@ -64,7 +64,7 @@ def arm_result(name: str, run_dir: Path, settings: dict[str, Any], history: Sequ
 
 def share_note(share: Mapping[str, Any], lpl: Mapping[str, Any]) -> str:
     """How LPL's share of the loss was measured, and what it came to."""
-    shown = "not measured (LPL never applied)" if share["mean"] is None else f"{100 * share['mean']:.1f} %"
+    shown = "not measured (LPL never applied)" if share["mean"] is None else f"{100 * share['mean']:.3g} %"
     return (f"LPL's share of the loss where it applied: {shown}, the mean over the {share['applied_steps']} of "
             f"{share['steps']} steps with at least one sample below lpl_t_threshold of lpl/weighted ÷ (diffusion "
             f"loss + lpl/weighted), batch means as logged (lpl_weight {lpl['lpl_weight']:g}, lpl_t_threshold "
