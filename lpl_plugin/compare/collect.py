@@ -11,8 +11,9 @@ from typing import Any
 from .report import ArmResult
 from .runner import read_steps
 
-# sd-scripts names samples [<output_name>_]<steps:06d>_<prompt index:02d>_<timestamp>[_<seed>].png
-SAMPLE_FILE = re.compile(r"(?:^|_)(\d{6})_(\d{2})_(\d{14})(?:_\d+)?\.png$")
+# sd-scripts names samples [<output_name>_]<steps:06d>_<prompt index:02d>_<timestamp>[_<seed>].png, and the one
+# before the first step (sample_at_first, called with epoch 0) e000000_...
+SAMPLE_FILE = re.compile(r"(?:^|_)(\d{6}|e000000)_(\d{2})_(\d{14})(?:_\d+)?\.png$")
 
 
 def samples(out: Path, prompt_ids: list[str]) -> dict[str, dict[int, Path]]:
@@ -22,7 +23,7 @@ def samples(out: Path, prompt_ids: list[str]) -> dict[str, dict[int, Path]]:
     for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
         match = SAMPLE_FILE.search(path.name)
         if match and int(match.group(2)) < len(prompt_ids):
-            step, prompt, stamp = int(match.group(1)), prompt_ids[int(match.group(2))], match.group(3)
+            step, prompt, stamp = int(match.group(1).lstrip("e")), prompt_ids[int(match.group(2))], match.group(3)
             known = found.setdefault(prompt, {}).get(step)
             if known is None or known[0] <= stamp:
                 found[prompt][step] = (stamp, path)

@@ -430,7 +430,7 @@ def train(args: argparse.Namespace, *, load: Callable[..., tuple], loss_fn: Loss
     losses: list[float] = []
     pids: set[int] = set()
     global_step = 0
-    sample_at(args, accelerator, None, done, vae, unet)
+    sample_at(args, accelerator, 0, done, vae, unet)  # sd-scripts passes epoch 0 here
     while global_step + done < args.max_train_steps:
         for batch in loader:
             pids.update(int(p) for p in batch.pop("pid"))
@@ -519,7 +519,8 @@ def parse_prompt(line: str) -> dict[str, Any]:
 def sample_images_common(pipe_class, accelerator, args, epoch, steps, device, vae, tokenizer, text_encoder,
                          unet_wrapped, prompt_replacement=None, controlnet=None) -> None:
     """Sample every prompt when the schedule says so (at first, every n steps), deterministic DDIM from seeded
-    noise, saved as <output_name>_<steps:06d>_<index:02d>_<timestamp>_<seed>.png under output_dir/sample."""
+    noise, saved as <output_name>_<steps:06d>_<index:02d>_<timestamp>_<seed>.png under output_dir/sample
+    (e<epoch:06d> in place of the steps when called with an epoch, as before the first step)."""
     import time
 
     from PIL import Image
@@ -548,7 +549,8 @@ def sample_images_common(pipe_class, accelerator, args, epoch, steps, device, va
         data = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         stamp = time.strftime("%Y%m%d%H%M%S")
         prefix = f"{args.output_name}_" if args.output_name else ""
-        Image.fromarray(data).save(folder / f"{prefix}{steps:06d}_{index:02d}_{stamp}_{prompt['d']}.png")
+        number = f"e{epoch:06d}" if epoch is not None else f"{steps:06d}"
+        Image.fromarray(data).save(folder / f"{prefix}{number}_{index:02d}_{stamp}_{prompt['d']}.png")
 
 
 def save_every(args: Any, accelerator: Any, steps: int, lora: bool) -> None:
