@@ -79,7 +79,8 @@ def test_compare_trains_both_arms_and_writes_the_report(tmp_path, capsys):
     for metric in report["metrics"]:
         assert set(metric["per_arm"]) == {"off", "on"} and set(metric["difference"]) == {"on"}
         for interval in [*metric["per_arm"].values(), *metric["difference"].values()]:
-            assert interval["low"] <= interval["mean"] <= interval["high"] and interval["n"] == 4 * 2  # images x noise seeds at one noise level
+            # units: 4 images x 2 noise seeds at one noise level
+            assert interval["low"] <= interval["mean"] <= interval["high"] and interval["n"] == 4 * 2
     ssim_off = report["metrics"][1]["by_step"]["off"]
     assert ssim_off["0"] == report["metrics"][1]["by_step"]["on"]["0"]  # before any step both arms are one model
     costs = {c["arm"]: c for c in report["costs"]}

@@ -9,7 +9,7 @@ LABEL_WIDTH = 110
 HEADER = 22
 GAP = 4
 TILE = 192
-# The curves drawn (report.json keeps every loss and lpl/* scalar): the host's loss, LPL's term and how often it applied.
+# The curves drawn (report.json keeps every loss and lpl/* scalar): the loss, LPL's term, how often LPL applied.
 PLOTTED = ("loss", "loss/current", "loss/average", "lpl/loss", "lpl/weighted", "lpl/applied_fraction")
 RGB = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
 

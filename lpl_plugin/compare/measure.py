@@ -1,11 +1,12 @@
 """The measure inside each arm's training process (started by `lpl-plugin compare`, inert otherwise).
 
 Compare names a plan file in LPL_COMPARE_MEASURE. Then the sd-scripts adapter also wraps two host functions:
-`prepare_accelerator`, to note the wall-clock time and the logged scalars of every optimizer step (no extra
-synchronization: the host already reads its loss each step), and `sample_images_common`, to score the live model
-right after each sampling that wrote images: encode the plan's images, noise them at fixed low timesteps with fixed
-noise seeds, decode the model's clean-latent estimate and score it against the image (PSNR, SSIM). Time spent
-sampling and scoring is left out of the step times. Files in the plan's folder: steps.jsonl, scores.jsonl, memory.json.
+`prepare_accelerator`, to note the wall-clock time and the logged scalars of every optimizer step at its trackers
+(no extra synchronization: the host already reads its loss each step), and `sample_images_common`, to score the
+live model right after each sampling that wrote images: encode the plan's images, noise them at fixed low timesteps
+with fixed noise seeds, decode the model's clean-latent estimate and score it against the image (PSNR, SSIM). Time
+spent sampling and scoring is left out of the step times. Files in the plan's folder: steps.jsonl, scores.jsonl,
+memory.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from .metrics import score_images
 
 PLAN_ENV = "LPL_COMPARE_MEASURE"
+STEP_KEYS = {"loss/current", "loss"}  # the per-step loss each trainer logs
 SDXL_LATENT_SCALE = 0.13025  # sdxl_model_util.VAE_SCALE_FACTOR
 
 
@@ -48,9 +50,13 @@ class Recorder:
             f.write(json.dumps(record) + "\n")
 
     def on_log(self, original: Callable[..., Any], values: dict, *args: Any, **kwargs: Any) -> Any:
-        """accelerator.log: note the step's time (less sampling and scoring) and its scalars, then log as usual."""
+        """A tracker's log: note a training step's time (less sampling and scoring) and its scalars, then log as
+        usual. Only per-step losses count (`loss/current` of sdxl_train_network.py, `loss` of sdxl_train.py), not
+        epoch or validation logs; several trackers logging one step count once."""
         now = time.perf_counter()
         step = kwargs.get("step", args[0] if args else None)
+        if not (isinstance(values, dict) and STEP_KEYS & values.keys()):
+            step = None
         if isinstance(step, int) and step > 0 and values and self.offset is None:
             resumed_at = int(self.plan.get("resumed_at") or 0)
             self.offset = resumed_at if step <= resumed_at else 0
@@ -132,7 +138,7 @@ def wants_conditioning(unet: torch.nn.Module) -> bool:
 @torch.no_grad()
 def score_model(plan: dict[str, Any], accelerator: Any, args: Any, vae: Any, tokenizers: Any, text_encoders: Any,
                 unet: torch.nn.Module, scheduler_alphas: torch.Tensor) -> dict[str, list[float]]:
-    """PSNR and SSIM per unit (image × timestep × noise seed, in that nesting) of the decoded clean-latent estimate."""
+    """PSNR and SSIM per unit (image × timestep × noise seed, nested so) of the decoded clean-latent estimate."""
     from lpl_plugin.diffusion import predict_z0
 
     device = accelerator.device
@@ -192,10 +198,18 @@ class Measure:
         self.recorder = Recorder(plan)
 
     def on_prepare_accelerator(self, original, args, kwargs, bound):
-        """prepare_accelerator: time every logged optimizer step of this accelerator."""
+        """prepare_accelerator: once its trackers start, time every optimizer step they log (sd-scripts logs
+        through accelerator.log or straight to a tracker)."""
         accelerator = original(*args, **kwargs)
-        accelerator.log = functools.partial(self.recorder.on_log, accelerator.log)
+        accelerator.init_trackers = functools.partial(self.on_init_trackers, accelerator.init_trackers, accelerator)
         return accelerator
+
+    def on_init_trackers(self, original: Callable[..., Any], accelerator: Any, *args: Any, **kwargs: Any) -> Any:
+        """accelerator.init_trackers: start them, then wrap each tracker's log."""
+        result = original(*args, **kwargs)
+        for tracker in accelerator.trackers:
+            tracker.log = functools.partial(self.recorder.on_log, tracker.log)
+        return result
 
     def on_sample_images(self, original, args, kwargs, bound):
         """sample_images_common: sample as usual; when that wrote images, score the live model too."""
