@@ -75,7 +75,7 @@ def run_arm(argv: list[str], folder: Path, plan_file: Path, total: int, label: s
         log.write(f"\n$ {' '.join(argv)}\n")
         log.flush()
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(folder),
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=default_sigint)
         previous = signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the arm too, not only Ctrl-C
         try:
             while process.poll() is None:
@@ -103,6 +103,12 @@ def report_progress(steps_file: Path, seen: int, total: int, label: str, say: Ca
         timing = f", {seconds:.2f} s/step" if isinstance(seconds, (int, float)) else ""
         say(f"{label}: step {record['step']}/{total}{timing}")
     return max(seen, len(records))
+
+
+def default_sigint() -> None:
+    """In the arm's process before it starts: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt there even when compare itself was started with SIGINT ignored (a background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def interrupt(signum: int, frame: object) -> None:
