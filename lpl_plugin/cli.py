@@ -14,7 +14,8 @@ from .errors import UserError, write_lines
 
 # Modules that add subcommands: each defines `add_commands(subparsers)` and sets `func` on its parsers.
 COMMAND_MODULES = ("lpl_plugin.cli_config", "lpl_plugin.demo.cli", "lpl_plugin.cli_inspect", "lpl_plugin.bench",
-                   "lpl_plugin.cli_doctor", "lpl_plugin.presets", "lpl_plugin.estimate", "lpl_plugin.cli_enable")
+                   "lpl_plugin.cli_doctor", "lpl_plugin.presets", "lpl_plugin.estimate", "lpl_plugin.cli_enable",
+                   "lpl_plugin.compare.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

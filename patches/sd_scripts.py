@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lpl_plugin.asked import asks_in, unasked_warning
+from lpl_plugin.compare.measure import measure_targets
 from lpl_plugin.config import LPLConfig
 from lpl_plugin.errors import write_lines
 from lpl_plugin.hook import LPLHook
@@ -107,6 +108,7 @@ class Session:
         ]
         if self.kind == "lora":
             found.append((("train_network",), "NetworkTrainer.generate_step_logs", self._on_step_logs))
+        found += measure_targets()  # `lpl-plugin compare` only (issue 20): step times and the in-process measure
         return found
 
     def patch(self) -> None:

@@ -36,7 +36,7 @@ def demo_command(out: Path, config: Path, *extra: str) -> list[str]:
             "--steps", str(STEPS), "--save-every", "2", *SHORT, *extra]
 
 
-def run(command: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     """Run a command to completion and capture its output."""
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
 
@@ -45,6 +45,11 @@ def metrics(out: Path, name: str) -> list[dict]:
     """A run's per-step metrics, without the wall-clock column."""
     rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def scores(out: Path, name: str) -> list[dict]:
+    """A run's checkpoint scores (PSNR and SSIM per unit)."""
+    return [json.loads(line) for line in (out / "runs" / name / "scores.jsonl").read_text().splitlines()]
 
 
 def result(out: Path, name: str) -> dict:
@@ -112,6 +117,53 @@ def test_demo_writes_every_artifact(reference):
     assert all(r["lpl_term"] == 0 and r["applied_fraction"] == 0 for r in metrics(out, "baseline"))
     assert lpl["weights_sha256"] != baseline["weights_sha256"]
     assert "lpl_start = 6" in (out / "lpl.toml").read_text()
+    share = summary["lpl_share"]
+    assert 0 < share["mean"] < 1 and 0 < share["applied_steps"] <= STEPS - LPL_START and share["steps"] == STEPS
+
+
+def test_demo_ends_with_the_compare_report(reference):
+    """The two runs as the arms of a compare report: grids, curves, metric and cost tables, verdict, LPL's share."""
+    from PIL import Image
+
+    from lpl_plugin.demo.measure import NOISE_LEVELS, NOISE_SEEDS, checkpoint_steps
+    from lpl_plugin.demo.pipeline import MEASURE_IMAGES, SAMPLE_COUNT
+
+    out = reference
+    report = json.loads((out / "report.json").read_text())
+    found = dict(numbers(report, "report"))
+    assert all(math.isfinite(v) for v in found.values()), found
+    assert [a["name"] for a in report["arms"]] == ["off", "on"] and report["reference"] == "off"
+    assert all(a["status"] == "trained" for a in report["arms"])
+    assert report["settings"]["differs"] == {"off": {"use_lpl": False}, "on": {"use_lpl": True}}
+    checkpoints = checkpoint_steps(STEPS)
+    assert report["checkpoints"] == checkpoints and checkpoints[-1] == STEPS
+    units = MEASURE_IMAGES * len(NOISE_LEVELS) * len(NOISE_SEEDS)
+    for metric in report["metrics"]:
+        assert metric["step"] == STEPS and set(metric["per_arm"]) == {"off", "on"}
+        for interval in [*metric["per_arm"].values(), metric["difference"]["on"]]:
+            assert interval["n"] == units and interval["low"] <= interval["mean"] <= interval["high"]
+        assert set(metric["by_step"]["on"]) == {str(s) for s in checkpoints}
+    assert {m["name"] for m in report["metrics"]} == {"psnr", "ssim"}
+    psnr = report["metrics"][0]["per_arm"]["off"]["mean"]
+    assert 5 < psnr < 60, psnr
+    costs = {c["arm"]: c for c in report["costs"]}
+    assert costs["off"]["seconds_per_step"] > 0 and costs["on"]["seconds_per_step"] > 0
+    assert costs["off"]["applied_fraction"] is None and 0 < costs["on"]["applied_fraction"] < 1
+    assert costs["on"]["peak_memory_bytes"] > 0 and costs["on"]["memory_kind"] == "peak RSS of this run"
+    assert report["verdict"].startswith(("no measurable difference", "at step"))
+    assert report["notes"][0].startswith("LPL's share of the loss where it applied:")
+    assert len(report["grids"]) == SAMPLE_COUNT
+    for grid in report["grids"]:
+        assert grid["rows"] == ["off", "on"] and grid["columns"] == checkpoints
+        with Image.open(out / grid["png"]) as image:
+            pixels = torch.tensor(list(image.convert("L").getdata()), dtype=torch.float32)
+            assert image.width > image.height > 2 * 64 and pixels.std() > 5, grid["png"]
+    assert (out / report["curves"]["png"]).stat().st_size > 10_000
+    assert set(report["curves"]["series"]["on"]) >= {"loss", "lpl/weighted", "lpl/applied_fraction"}
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    markdown = (out / "report.md").read_text()
+    assert report["verdict"] in markdown and "| on |" in markdown
 
 
 def test_demo_tensorboard_has_the_scalars(reference):
@@ -136,11 +188,11 @@ def test_inspect_reads_the_demo_vae(reference, tmp_path, capsys):
 def start_and_kill(command: list[str], checkpoint: Path, signum: int) -> tuple[int, str]:
     """Start a demo, send it `signum` as soon as `checkpoint` exists; returns its exit status and stderr."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600
     while not checkpoint.is_dir() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=600)
     return process.returncode, stderr
 
 
@@ -164,6 +216,7 @@ def test_killed_runs_resume_to_the_same_weights(reference, config, tmp_path):
     assert metrics(out, "lpl")[-1]["step"] == stopped_at  # saved at the very step it stopped after
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["stopped_by"] == "SIGTERM" and (out / "losses.png").is_file()
+    assert summary["verdict"] is None and not (out / "report.json").exists()  # the report comes with the last step
 
     status, stderr = start_and_kill(resume, baseline_dir / "checkpoints" / "step-000002", signal.SIGKILL)
     assert status == -signal.SIGKILL, stderr[-3000:]
@@ -178,7 +231,12 @@ def test_killed_runs_resume_to_the_same_weights(reference, config, tmp_path):
     for name in ("lpl", "baseline"):
         assert metrics(out, name) == metrics(reference, name), name
         assert result(out, name)["weights_sha256"] == result(reference, name)["weights_sha256"], name
+        assert scores(out, name) == scores(reference, name), name
     assert json.loads((out / "summary.json").read_text())["interrupted"] is False
+    report = json.loads((out / "report.json").read_text())
+    assert [a["status"] for a in report["arms"]] == [
+        f"resumed from step-{killed_at:06d}", f"resumed from step-{stopped_at:06d}; kept from before the interruption"]
+    assert report["metrics"] == json.loads((reference / "report.json").read_text())["metrics"]
 
 
 def test_two_processes_share_the_work(tmp_path):

@@ -16,8 +16,8 @@ from .data import generator
 # SDXL's latents have a std of about 1 / 0.13025 before scaling; the demo's VAE is rescaled to match, so that the
 # trainer-scaled latents have unit scale, as they do for SDXL.
 LATENT_STD = 1.0 / SDXL_SCALING_FACTOR
-FIT_BATCH = 4
-FIT_LR = 3e-3
+FIT_BATCH = 8
+FIT_LR = 5e-3
 # One normalization group per layer: at these tiny widths, SDXL's 32 groups would leave one channel per group and the
 # VAE could barely carry an image's mean color; with one group a short fit reconstructs far better.
 GROUPS = 1

@@ -11,16 +11,17 @@ from ..cli_args import bounded_int, integer, number
 from ..config import LPLConfig
 from ..errors import UserError, write_lines
 from ..messages import show_path
-from .settings import DEVICES, MIXED_PRECISION, OPTIMIZERS, DemoSettings, read_settings, resolve
+from .settings import (DEMO_LPL, DEVICES, MIXED_PRECISION, OPTIMIZERS, PRESETS, DemoSettings, demo_lpl_text,
+                       read_settings, resolve)
 
 NEEDED = ("matplotlib", "tensorboard", "tqdm")
 DEFAULT_OUT = Path("lpl-demo")
 
 
 def _lpl_settings(path: str | None) -> tuple[LPLConfig, str]:
-    """The LPL settings: `lpl-plugin defaults` (built in), or the `use_lpl`/`lpl_*` keys of a TOML file."""
+    """The LPL settings: the demo's built-in block (DEMO_LPL), or the `use_lpl`/`lpl_*` keys of a TOML file."""
     if path is None:
-        return LPLConfig(use_lpl=True), "built-in defaults"
+        return LPLConfig(use_lpl=True, **DEMO_LPL), f"the demo's built-in block ({demo_lpl_text()}; others default)"
     from ..preflight import check_training_config
 
     checked = check_training_config(path)
@@ -130,10 +131,10 @@ def _demo(args: argparse.Namespace) -> int:
             if changed:
                 raise UserError(f"--config {show_path(args.config)} changes {', '.join(changed)} of the interrupted "
                                 "run; leave --config out to resume with its own settings")
-        settings = resolve(overrides, saved)
+        settings = resolve(overrides, saved, args.preset)
     else:
         out = Path(args.out) if args.out is not None else DEFAULT_OUT
-        settings = resolve(overrides, None)
+        settings = resolve(overrides, None, args.preset)
         lpl, source = _lpl_settings(args.config)
     from .train import quiet_bitsandbytes
 
@@ -169,7 +170,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "LPL, through the same hook registry the trainer adapters use; write a loss plot, sample "
                     "grids, TensorBoard logs and summary.json. Runs under `accelerate launch` as well.")
     p.add_argument("--out", help=f"output folder (default: ./{DEFAULT_OUT}/)")
-    p.add_argument("--config", help="a TOML with use_lpl and lpl_* keys (default: the built-in recommended block)")
+    p.add_argument("--config", help="a TOML with use_lpl and lpl_* keys (default: the demo's block, "
+                   f"{demo_lpl_text()}, the rest as `lpl-plugin defaults`)")
+    long = PRESETS["long"]
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help=f"quick (the defaults below, about 2 minutes on 2 idle CPU cores) or long ({long['steps']} "
+                        f"steps and {long['vae_steps']} VAE steps; clearer samples); options given win")
     p.add_argument("--steps", type=integer, help=f"optimizer steps per run (default: {d.steps})")
     p.add_argument("--resolution", type=integer,
                    help=f"image side in pixels, a multiple of 32 up to 1024 (default: {d.resolution})")

@@ -25,7 +25,9 @@ from .autoencoder import (build_vae, decode, encode, fit_vae, latent_std, load_v
                           solve_output_layer)
 from .data import CaptionEncoder, Conditioning, draw, make_scenes
 from .evaluate import evaluate
+from .measure import CheckpointMeasure, MeasureInputs, checkpoint_steps, read_scores
 from .plots import plot_losses, sample_figure, save_grid
+from .report import arm_result, lpl_share, share_note, write_demo_report
 from .sampling import sample, training_scheduler
 from .settings import SETTINGS_FILE, DemoSettings, write_settings
 from .stopping import StopRequest, graceful_stop
@@ -34,11 +36,13 @@ from .train import METRICS_FILE, MetricsLog, RunData, RunOutcome, peak_memory, t
 RUNS = ("lpl", "baseline")
 DATASET_SIZE = 64
 SAMPLE_COUNT = 8
+# Training images the checkpoint measure scores (the first ones of the data set).
+MEASURE_IMAGES = 32
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "unet.safetensors"
 # What a demo writes into its folder; only these are replaced when a new demo reuses the folder.
 OWN_OUTPUTS = ("runs", "tensorboard", "vae", "samples", "losses.png", "samples.png", "summary.json", "lpl.toml",
-               SETTINGS_FILE)
+               "report", "report.json", "report.md", "report.html", SETTINGS_FILE)
 
 Say = Callable[[str], None]
 
@@ -142,6 +146,25 @@ def finite(data: Any) -> Any:
     return data
 
 
+def run_config(lpl: LPLConfig, name: str) -> LPLConfig:
+    """The LPL settings of one run: the demo's for the LPL run, LPL off for the baseline."""
+    return lpl if name == "lpl" else lpl.replace(use_lpl=False)
+
+
+def run_status(result: dict[str, Any], kept: bool) -> str:
+    """How a run came to be, for the report: trained in one go, resumed from a saved state, or kept from before."""
+    resumed = result.get("resumed_from")
+    done = f"resumed from {Path(resumed).name}" if resumed else "trained"
+    return f"{done}; kept from before the interruption" if kept else done
+
+
+def timing_notes(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The runs' training seconds (wall clock, this machine, sampling and scoring left out)."""
+    return [f"{name}: {result['steps']} steps in {result['seconds']:.1f} s of training (wall clock on this machine; "
+            "checkpoint sampling and scoring not counted)" for name, result in results.items()
+            if result.get("seconds")]
+
+
 def run_demo(settings: DemoSettings, lpl: LPLConfig, lpl_source: str, out: Path, *, resume: bool,
              checkpoint: Path | None, say: Say) -> int:
     """Run the demo into `out`; returns 0, or 128 + the signal number when stopped by SIGTERM or Ctrl-C."""
@@ -184,6 +207,13 @@ def run_demo(settings: DemoSettings, lpl: LPLConfig, lpl_source: str, out: Path,
         save_grid(grids["before training"], out / "samples" / "before.png")
     engine = LatentPerceptualLoss(vae, lpl, SDXL_SCALING_FACTOR, device="cpu")
     alphas = training_scheduler().alphas_cumprod
+    measured = torch.arange(min(MEASURE_IMAGES, DATASET_SIZE))
+    inputs = MeasureInputs((images[measured] + 1) / 2, latents[measured],
+                           Conditioning(conditioning.text[measured], conditioning.pooled[measured],
+                                        conditioning.time_ids[measured]),
+                           sample_conditioning, alphas, settings.seed)
+    measure_at = frozenset(checkpoint_steps(settings.steps))
+    kept: set[str] = set()
 
     histories: dict[str, list[dict[str, float]]] = {}
     results: dict[str, dict[str, Any]] = {}
@@ -194,14 +224,15 @@ def run_demo(settings: DemoSettings, lpl: LPLConfig, lpl_source: str, out: Path,
             finished = load_finished(run_dir) if resume else None
             if finished is not None:
                 tell(f"{name}: finished before the interruption; kept")
+                kept.add(name)
                 histories[name] = MetricsLog(run_dir / METRICS_FILE, finished["steps"], enabled=False).rows
                 results[name] = finished
                 unet = load_unet(run_dir, settings) if main else None
             else:
-                config = lpl if name == "lpl" else lpl.replace(use_lpl=False)
                 resume_here = checkpoint if checkpoint is not None and checkpoint.parents[1] == run_dir else None
-                outcome = train_run(name, config, settings, data, vae, run_dir, out, stop, checkpoint=resume_here,
-                                    resume=resume, say=tell)
+                outcome = train_run(name, run_config(lpl, name), settings, data, vae, run_dir, out, stop,
+                                    checkpoint=resume_here, resume=resume, say=tell, measure_at=measure_at,
+                                    measure=CheckpointMeasure(run_dir, vae, inputs, latent_shape, enabled=main))
                 histories[name] = outcome.history
                 if stop:
                     stopped = stop
@@ -221,6 +252,13 @@ def run_demo(settings: DemoSettings, lpl: LPLConfig, lpl_source: str, out: Path,
     if main:
         title = (f"tiny SDXL-shaped UNet, {settings.resolution}px, batch {settings.batch_size} x "
                  f"{state.num_processes} process(es), seed {settings.seed}")
+        share = lpl_share(histories.get("lpl", []))
+        report = None if stopped else write_demo_report(
+            out, [arm_result(name, out / "runs" / name, {**settings.to_dict(), **run_config(lpl, name).lpl_items()},
+                             histories[name], read_scores(out / "runs" / name, settings.steps), results[name],
+                             run_status(results[name], name in kept), settings.seed, SAMPLE_COUNT) for name in RUNS],
+            captions[:SAMPLE_COUNT], settings.seed, len(measured), f"lpl-plugin demo: {title}",
+            [share_note(share, lpl.lpl_items()), *timing_notes(results)])
         plot_losses(histories, out / "losses.png", title)
         sample_figure(grids, captions[:SAMPLE_COUNT], out / "samples.png",
                       f"DDIM samples decoded with the tiny VAE ({title})")
@@ -230,9 +268,10 @@ def run_demo(settings: DemoSettings, lpl: LPLConfig, lpl_source: str, out: Path,
             "num_processes": state.num_processes, "device": str(state.device),
             "peak_memory": peak_memory(state.device),
             "settings": settings.to_dict(), "lpl": lpl.lpl_items(), "lpl_source": lpl_source, "vae": vae_info,
+            "lpl_share": share, "verdict": report["verdict"] if report else None,
             "runs": {name: {**results.get(name, {}), "losses": losses_summary(histories.get(name, []))}
                      for name in RUNS},
-            "artifacts": {"plot": "losses.png", "samples": "samples.png", "grids": "samples/",
+            "artifacts": {"report": "report.html", "plot": "losses.png", "samples": "samples.png", "grids": "samples/",
                           "tensorboard": "tensorboard/", "metrics": "runs/*/metrics.jsonl", "vae": "vae/"},
         }
         (out / "summary.json").write_text(json.dumps(finite(summary), indent=2) + "\n", encoding="utf-8")

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,19 @@ METRICS_FILE = "metrics.jsonl"
 MAX_METRICS_BYTES = 1 << 30
 # Scalars reduced across processes every step, in this order; per-layer LPL sums follow.
 _REDUCED = ("diffusion", "lpl_term", "lpl_sum", "gated", "stop")
+
+
+class CheckpointHook(Protocol):
+    """What a run calls at its measured checkpoints (the demo's samples and scores)."""
+
+    def open(self, start: int) -> None:
+        """Keep what earlier checkpoints up to `start` recorded (a resumed run), drop the rest."""
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        """Measure the live model after `step`."""
+
+    def close(self) -> None:
+        """Flush what was recorded."""
 
 
 @dataclass
@@ -125,10 +138,36 @@ def restore_hook(hook: LPLHook, state: dict[str, Any], checkpoint: Path) -> None
         own(state["hook"])
 
 
+def reset_run_peak() -> bool:
+    """Restart Linux's peak-resident-set counter (VmHWM) of this process, so each run reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:  # not Linux, or not allowed: the run's peak is then the process's
+        return False
+
+
+def run_peak_rss() -> int | None:
+    """Peak resident bytes since the last reset_run_peak (Linux's VmHWM), None where /proc is not available."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_memory(device: torch.device) -> dict[str, int]:
-    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory, in bytes."""
+    """Peak resident memory of this process (and of the current run where Linux tells it) and, on CUDA, peak
+    allocated GPU memory, in bytes."""
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, kilobytes on Linux
     peak = {"cpu_max_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale}
+    run_peak = run_peak_rss()
+    if run_peak is not None:
+        peak["cpu_run_peak_rss_bytes"] = run_peak
     if device.type == "cuda":
         peak["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return peak
@@ -175,12 +214,14 @@ class MetricsLog:
 
 def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, vae: nn.Module, run_dir: Path,
               out: Path, stop: StopRequest, *, checkpoint: Path | None = None, resume: bool = False,
-              say: Any = print) -> RunOutcome:
+              say: Any = print, measure_at: frozenset[int] = frozenset(),
+              measure: CheckpointHook | None = None) -> RunOutcome:
     """Train the tiny UNet from the demo's seed for `settings.steps` steps; LPL through the registry when enabled.
 
     Batches, noise and timesteps are a pure function of (seed, step, process), so a run resumed from a
     checkpoint continues exactly as the uninterrupted run would have. Stops after the current step when `stop` is
-    set (on any process), saving a checkpoint first.
+    set (on any process), saving a checkpoint first. After each step in `measure_at` the main process calls
+    `measure(step, model)` (outside the timed part of the step).
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, gather_object
@@ -195,6 +236,7 @@ def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, 
     main = accelerator.is_main_process
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    reset_run_peak()
     scheduler = training_scheduler()
     unet = tiny_unet(settings.seed, sample_size=settings.latent_size).train()
     optimizer, optimizer_name = make_optimizer(list(unet.parameters()), settings,
@@ -216,6 +258,8 @@ def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, 
                 f" at that step, lpl_start = {lpl.lpl_start})")
 
     metrics = MetricsLog(run_dir / METRICS_FILE, keep_until=start, enabled=main)
+    if measure is not None:
+        measure.open(start)
     hparams = {**settings.to_dict(), **lpl.lpl_items(), "run": name}
     accelerator.init_trackers(name, config=hparams)
     layer_names = hook.loss.trunk.stage_names
@@ -280,6 +324,10 @@ def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, 
             bar.update(1)
             bar.set_postfix({"loss": f"{row['diffusion']:.4f}", "lpl": f"{row['lpl_term']:.2e}",
                              "lpl_frac": f"{row['applied_fraction']:.2f}"}, refresh=False)
+            if measure is not None and step in measure_at:
+                if main:
+                    measure(step, accelerator.unwrap_model(unet))
+                accelerator.wait_for_everyone()
             stopping = values["stop"] > 0
             if stopping or (settings.save_every and step % settings.save_every == 0):
                 saved = save_checkpoint(accelerator, run_dir, step, checkpoint_state(step))
@@ -292,6 +340,8 @@ def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, 
     finally:
         bar.close()
         metrics.close()
+        if measure is not None:
+            measure.close()
         for tracker in accelerator.trackers:  # not end_training(): it would end the process group before the next run
             tracker.finish()
 

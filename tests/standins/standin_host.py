@@ -208,6 +208,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add("--resume")
     add("--no_metadata", action="store_true")
     add("--max_train_epochs", type=int)
+    add("--train_data_dir")  # DreamBooth-style folders "<repeats>_<name>" of images: trained on when given
+    add("--output_name")
+    add("--log_with")
+    add("--sample_prompts")
+    add("--sample_every_n_steps", type=int)
+    add("--sample_at_first", action="store_true")
+    add("--sample_sampler", default="ddim")
+    add("--save_every_n_steps", type=int)
 
 
 def add_sdxl_arguments(parser: argparse.ArgumentParser) -> None:
@@ -406,7 +414,8 @@ def train(args: argparse.Namespace, *, load: Callable[..., tuple], loss_fn: Loss
     vae, unet = load(args, accelerator, weight_dtype)
     scheduler = make_scheduler(accelerator.device)
     workers = args.max_data_loader_n_workers
-    loader = torch.utils.data.DataLoader(CachedLatents(), batch_size=2, num_workers=workers,
+    dataset = ImageLatents(args.train_data_dir, vae) if getattr(args, "train_data_dir", None) else CachedLatents()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
                                          persistent_workers=workers > 0,
                                          multiprocessing_context="spawn" if workers else None)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate)
@@ -421,6 +430,7 @@ def train(args: argparse.Namespace, *, load: Callable[..., tuple], loss_fn: Loss
     losses: list[float] = []
     pids: set[int] = set()
     global_step = 0
+    sample_at(args, accelerator, 0, done, vae, unet)  # sd-scripts passes epoch 0 here
     while global_step + done < args.max_train_steps:
         for batch in loader:
             pids.update(int(p) for p in batch.pop("pid"))
@@ -432,6 +442,9 @@ def train(args: argparse.Namespace, *, load: Callable[..., tuple], loss_fn: Loss
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
                 global_step += 1
+                sample_at(args, accelerator, None, global_step + done, vae, unet)
+                save_every(args, accelerator, global_step + done, lora)
+                interrupt_at(global_step + done)
             current = loss.detach().item()
             losses.append(current)
             if len(accelerator.trackers) > 0:
@@ -459,3 +472,98 @@ def train(args: argparse.Namespace, *, load: Callable[..., tuple], loss_fn: Loss
                "steps": global_step}
     (out / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     accelerator.end_training()
+
+
+# -- sampling and saving like the real scripts (lpl-plugin compare) ------------------------------------------------
+
+class ImageLatents(torch.utils.data.Dataset):
+    """The images of a DreamBooth-style folder tree, encoded once by the VAE (unscaled latents), captions ignored."""
+
+    def __init__(self, root: str, vae: nn.Module) -> None:
+        from PIL import Image
+
+        paths = sorted(p for folder in sorted(Path(root).iterdir()) if folder.is_dir()
+                       for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        pixels = []
+        for path in paths:
+            with Image.open(path) as image:
+                data = torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.float32)
+                pixels.append(data.view(image.height, image.width, 3).permute(2, 0, 1) / 127.5 - 1)
+        with torch.no_grad():
+            self.latents = vae.encode(torch.stack(pixels)).latent_dist.mean
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"latents": self.latents[index], "loss_weights": torch.tensor(1.0), "pid": os.getpid()}
+
+
+def sample_at(args: Any, accelerator: Any, epoch: Any, steps: int, vae: nn.Module, unet: nn.Module) -> None:
+    """The loop's sampling call, through library.sdxl_train_util.sample_images like sdxl_train*.py."""
+    library("sdxl_train_util").sample_images(accelerator, args, epoch, steps, accelerator.device, vae, [None, None],
+                                             [None, None], unet)
+
+
+def parse_prompt(line: str) -> dict[str, Any]:
+    """One prompt-file line: the prompt, then --w, --h, --d (seed) and --s (steps) options."""
+    text, *options = line.split(" --")
+    found: dict[str, Any] = {"prompt": text.strip(), "w": 64, "h": 64, "d": 0, "s": 4}
+    for option in options:
+        key, _, value = option.partition(" ")
+        if key in found:
+            found[key] = int(value.strip())
+    return found
+
+
+def sample_images_common(pipe_class, accelerator, args, epoch, steps, device, vae, tokenizer, text_encoder,
+                         unet_wrapped, prompt_replacement=None, controlnet=None) -> None:
+    """Sample every prompt when the schedule says so (at first, every n steps), deterministic DDIM from seeded
+    noise, saved as <output_name>_<steps:06d>_<index:02d>_<timestamp>_<seed>.png under output_dir/sample
+    (e<epoch:06d> in place of the steps when called with an epoch, as before the first step)."""
+    import time
+
+    from PIL import Image
+
+    if steps == 0 and not args.sample_at_first:
+        return
+    if steps != 0 and (not args.sample_every_n_steps or steps % args.sample_every_n_steps or epoch is not None):
+        return
+    if not args.sample_prompts or not accelerator.is_main_process:
+        return
+    folder = Path(args.output_dir) / "sample"
+    folder.mkdir(parents=True, exist_ok=True)
+    unet = accelerator.unwrap_model(unet_wrapped)
+    ac = make_scheduler("cpu").alphas_cumprod
+    lines = [line for line in Path(args.sample_prompts).read_text().splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        prompt = parse_prompt(line)
+        x = torch.randn(1, 4, prompt["h"] // 8, prompt["w"] // 8, generator=torch.Generator().manual_seed(prompt["d"]))
+        times = torch.linspace(999, 0, prompt["s"] + 1).round().long()
+        with torch.no_grad():
+            for t, after in zip(times[:-1], times[1:]):
+                eps = unet(x, t.view(1)).float()
+                z0 = (x - (1 - ac[t]).sqrt() * eps) / ac[t].sqrt()
+                x = ac[after].sqrt() * z0 + (1 - ac[after]).sqrt() * eps if after > 0 else z0
+            pixels = vae.decode(x / library("sdxl_model_util").VAE_SCALE_FACTOR).sample
+        data = ((pixels[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        prefix = f"{args.output_name}_" if args.output_name else ""
+        number = f"e{epoch:06d}" if epoch is not None else f"{steps:06d}"
+        Image.fromarray(data).save(folder / f"{prefix}{number}_{index:02d}_{stamp}_{prompt['d']}.png")
+
+
+def save_every(args: Any, accelerator: Any, steps: int, lora: bool) -> None:
+    """With --save_state and --save_every_n_steps: the state as <output_name>-step<steps:08d>-state, like sd-scripts."""
+    if not (args.save_state and args.save_every_n_steps) or steps % args.save_every_n_steps:
+        return
+    state = Path(args.output_dir) / f"{args.output_name or 'last'}-step{steps:08d}-state"
+    accelerator.save_state(str(state))
+    if lora:
+        (state / "train_state.json").write_text(json.dumps({"current_epoch": 1, "current_step": steps}))
+
+
+def interrupt_at(steps: int) -> None:
+    """Test knob: LPL_STANDIN_INTERRUPT_AT=k stops the run after optimizer step k as Ctrl-C would."""
+    if os.environ.get("LPL_STANDIN_INTERRUPT_AT") == str(steps):
+        raise KeyboardInterrupt

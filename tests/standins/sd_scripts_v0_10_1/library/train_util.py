@@ -37,3 +37,9 @@ def get_sai_model_spec(state_dict: dict, args: argparse.Namespace, sdxl: bool, l
 
 def add_training_arguments(parser: argparse.ArgumentParser, support_dreambooth: bool):
     host.add_common_arguments(parser)
+
+
+def sample_images_common(pipe_class, accelerator, args: argparse.Namespace, epoch, steps, device, vae, tokenizer,
+                         text_encoder, unet_wrapped, prompt_replacement=None, controlnet=None):
+    return host.sample_images_common(pipe_class, accelerator, args, epoch, steps, device, vae, tokenizer,
+                                     text_encoder, unet_wrapped, prompt_replacement, controlnet)

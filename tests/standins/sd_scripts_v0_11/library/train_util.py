@@ -19,3 +19,9 @@ def get_sai_model_spec(state_dict: dict, args: argparse.Namespace, sdxl: bool, l
                        is_stable_diffusion_ckpt: Optional[bool] = None, sd3: str = None, flux: str = None,
                        lumina: str = None, optional_metadata: dict = None):
     return host.model_spec(args)
+
+
+def sample_images_common(pipe_class, accelerator, args: argparse.Namespace, epoch, steps, device, vae, tokenizer,
+                         text_encoder, unet_wrapped, prompt_replacement=None, controlnet=None):
+    return host.sample_images_common(pipe_class, accelerator, args, epoch, steps, device, vae, tokenizer,
+                                     text_encoder, unet_wrapped, prompt_replacement, controlnet)

@@ -1,6 +1,7 @@
 """Stand-in of sd-scripts v0.9.1 library/sdxl_train_util.py: real signatures, tiny bodies (tests only)."""
 
 import argparse
+import importlib
 
 import standin_host as host
 
@@ -11,3 +12,7 @@ def load_target_model(args, accelerator, model_version: str, weight_dtype):
 
 def add_sdxl_training_arguments(parser: argparse.ArgumentParser):
     host.add_sdxl_arguments(parser)
+
+
+def sample_images(*args, **kwargs):
+    return importlib.import_module("library.train_util").sample_images_common(None, *args, **kwargs)
