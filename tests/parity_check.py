@@ -70,16 +70,18 @@ def run_engine(vae: nn.Module, case: dict, tensors: dict, engine: str,
 
 
 _VAES64: dict[int, tuple[nn.Module, nn.Module]] = {}
-_BOUNDS: dict[tuple[str, str], TieBound] = {}
+_BOUNDS: dict[tuple[str, str, bool], TieBound] = {}
 
 
-def case_tie_bound(vae: nn.Module, case: dict, tensors: dict, scaling_factor: float) -> TieBound:
-    """The near-tie bound of one case (zero for MSE), computed once per case and VAE."""
+def case_tie_bound(vae: nn.Module, case: dict, tensors: dict, scaling_factor: float,
+                   jacobians: bool = True) -> TieBound:
+    """The near-tie bound of one case (zero for MSE), computed once per case and VAE (`jacobians=False`: the
+    near-tie counts only)."""
     if id(vae) not in _VAES64:
         _VAES64[id(vae)] = (vae, float64_vae(vae))  # keeps `vae` alive so its id stays its own
-    key = (case.get("vae", "tiny_vae"), case["key"])
+    key = (case.get("vae", "tiny_vae"), case["key"], jacobians)
     if key not in _BOUNDS:
-        _BOUNDS[key] = tie_bound(_VAES64[id(vae)][1], case, tensors, scaling_factor, vae32=vae)
+        _BOUNDS[key] = tie_bound(_VAES64[id(vae)][1], case, tensors, scaling_factor, vae32=vae, jacobians=jacobians)
     return _BOUNDS[key]
 
 
@@ -102,5 +104,9 @@ def parity_failures(case: dict, tensors: dict, per_sample: Tensor, layers: Tenso
 def check_case(vae: nn.Module, case: dict, tensors: dict, engine: str, scaling_factor: float) -> None:
     """One fixture case through one engine: losses and gradient within their bounds."""
     outputs = run_engine(vae, case, tensors, engine, scaling_factor)
-    failures = parity_failures(case, tensors, *outputs, case_tie_bound(vae, case, tensors, scaling_factor))
+    # The near-tie bound only ever widens the gradient's tolerance, so it is computed (one decoder pass per 64
+    # near-tie elements: the expensive part) only for an L1 case that misses the plain bound on this CPU.
+    failures = parity_failures(case, tensors, *outputs, case_tie_bound(vae, case, tensors, scaling_factor, False))
+    if failures and case["loss_type"] == "l1":
+        failures = parity_failures(case, tensors, *outputs, case_tie_bound(vae, case, tensors, scaling_factor))
     assert not failures, "; ".join(failures)

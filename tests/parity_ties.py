@@ -169,8 +169,9 @@ def float64_vae(vae: nn.Module) -> nn.Module:
 
 
 def tie_bound(vae64: nn.Module, case: dict, tensors: dict, scaling_factor: float, margin: float = TIE_MARGIN,
-              vae32: nn.Module | None = None) -> TieBound:
-    """The near-ties of one fixture case and the bound (like the latent) on the gradient change they can make."""
+              vae32: nn.Module | None = None, jacobians: bool = True) -> TieBound:
+    """The near-ties of one fixture case and the bound (like the latent) on the gradient change they can make;
+    with `jacobians=False` only the counts (the bound stays zero: the expensive part is skipped)."""
     key = case["key"]
     pred, target = tensors[f"{key}.z0_hat"].double(), tensors[f"{key}.z0"].double()
     bound = torch.zeros_like(pred)
@@ -188,6 +189,8 @@ def tie_bound(vae64: nn.Module, case: dict, tensors: dict, scaling_factor: float
         for b, c, h, w in near.nonzero().tolist():
             per_sample.setdefault(b, []).append((layer, c, h, w))
             weights.setdefault(b, []).append(2.0 * float(coefficient[b, c]))
+    if not jacobians:
+        return TieBound(bound, exempt, compared)
     # The Jacobian rows are taken in float32 (float64 convolutions are many times slower on CPUs): rounding moves
     # them by about 1e-6 of their size, which JACOBIAN_SLACK covers a thousand times over.
     vae32 = vae32 if vae32 is not None else copy.deepcopy(vae64).float()

@@ -381,11 +381,14 @@ def test_lpl_scalars_reach_accelerator_log_in_the_full_fine_tune(tmp_path):
 def test_settings_are_saved_as_ss_lpl_metadata(tmp_path):
     with standin("v0_9_1"):
         h = start(tmp_path, "v0_9_1", lpl=LPL_ON + "lpl_weight = 1.5\n")
-        metadata = module("library.train_util").get_sai_model_spec(None, h.args, True, True, False)
+        spec = module("library.train_util").get_sai_model_spec
+        assert "ss_lpl_enabled" not in spec(None, h.args, True, True, False)  # LPL has not run in a step yet
+        on_and_off(h)
+        metadata = spec(None, h.args, True, True, False)
         assert metadata["ss_lpl_enabled"] == "True" and metadata["ss_lpl_weight"] == "1.5"
         assert metadata["ss_lpl_t_threshold"] == "1000" and "ss_lpl_version" in metadata
         h.args.no_metadata = True
-        assert "ss_lpl_weight" not in module("library.train_util").get_sai_model_spec(None, h.args, True, True, False)
+        assert "ss_lpl_weight" not in spec(None, h.args, True, True, False)
 
 
 def test_resume_restores_the_optimizer_step_count_and_tolerates_states_without_it(tmp_path):
