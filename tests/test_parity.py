@@ -19,7 +19,12 @@ from .reference_vaes import rebuild_sdxl_layout_vae, recorded_sha256, weights_sh
 CASES, TENSORS = fixtures(GOLDEN)
 EXTRA_CASES, EXTRA_TENSORS = fixtures(EXTRA)
 # A near-tie share above this means the case (or the margin) is wrong, not the engine: the bound would then be wide.
+# Measured (`pytest tests/test_parity.py -rA -k near_ties`; float64 counts, the same on any CPU): at most 0.09 % on
+# cases whose z0_hat is independent of or noisy around z0, 0.44 % to 2.17 % on the cases built with z0_hat a hair
+# from z0 (`z0_hat_mode` "near" / "tie_partial": near-ties are what they test), so those get their own limit.
 MAX_NEAR_TIE_SHARE = 0.01
+MAX_NEAR_TIE_SHARE_BUILT_NEAR = 0.03
+BUILT_NEAR = ("near", "tie_partial")
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
@@ -54,7 +59,8 @@ def test_near_ties_are_rare(request, golden_vae, folder, case):
     vae = golden_vae if case.get("vae", "tiny_vae") == "tiny_vae" else request.getfixturevalue("sdxl_layout_vae")
     counts = case_tie_bound(vae, case, tensors, cases["scaling_factor"], jacobians=False)
     print(f"{folder}/{case['key']}: {counts.exempt} near-tie elements of {counts.compared} ({counts.fraction:.3%})")
-    assert counts.fraction < MAX_NEAR_TIE_SHARE
+    built_near = case.get("z0_hat_mode") in BUILT_NEAR
+    assert counts.fraction < (MAX_NEAR_TIE_SHARE_BUILT_NEAR if built_near else MAX_NEAR_TIE_SHARE)
 
 
 def test_compat_computes_where_the_reference_raises(golden_vae):

@@ -20,7 +20,9 @@ from .parity_check import EXTRA, case_tie_bound, fixtures, parity_failures, run_
 from .parity_ties import TIE_MARGIN, coefficients, compared_maps, float64_vae, jacobian_sum
 
 CASES, TENSORS = fixtures(EXTRA)
-MUTATED_CASES = [case for case in CASES["cases"] if case["key"] in ("grid_079", "seeds_001")]
+# L1 with outlier masks and 4 blocks (pow-law on one, off on the other), 'default' and 'shared' normalization, z0_hat noisy around z0
+# (on a case built with z0_hat a hair from z0 no element is 1000x the margin from a tie: nothing far to flip).
+MUTATED_CASES = [case for case in CASES["cases"] if case["key"] in ("grid_069", "seeds_001")]
 SCALING = CASES["scaling_factor"]
 FLIPPED = 3  # elements whose L1 sign the first mutation flips
 

@@ -61,7 +61,9 @@ def test_guard_stop_on_one_rank_ends_every_rank_with_the_same_line(enabled, tmp_
     config = write_config(tmp_path, "[lpl]\nuse_lpl = true\nlpl_t_threshold = 500\nlpl_num_blocks = 1\n"
                                     "lpl_max_bad_steps = 2\n", "max_train_steps = 8")
     done = torchrun(enabled, config, {"LPL_STANDIN_TIMESTEPS": "900,10", "LPL_STANDIN_NAN_RANK": "1"})
-    lines = [line for line in done.stderr.splitlines() if line.startswith("LPL was inf/NaN")]
+    # lines printed inside a host process carry the plugin's prefix
+    lines = [line.removeprefix("lpl-plugin: ") for line in done.stderr.splitlines()
+             if line.startswith("lpl-plugin: LPL was inf/NaN")]
     assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith(STOP), done.stderr[-3000:]
     # the first rank to exit makes torchrun end the other (whose line is already out), so only its status shows
     assert done.returncode != 0 and "exitcode  : 2" in done.stderr

@@ -15,8 +15,8 @@ def interval_text(value: dict[str, Any] | None, digits: int = 4, signed: bool = 
     """"mean [low, high]" or "–"."""
     if not value or value.get("mean") is None:
         return "–"
-    form = f"{{:{'+' if signed else ''}.{digits}g}}"
-    return f"{form.format(value['mean'])} [{form.format(value['low'])}, {form.format(value['high'])}]"
+    spec = f"{'+' if signed else ''}.{digits}g"
+    return f"{format(value['mean'], spec)} [{format(value['low'], spec)}, {format(value['high'], spec)}]"
 
 
 def metric_table(report: dict[str, Any]) -> Table:

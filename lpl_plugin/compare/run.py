@@ -131,7 +131,7 @@ def train_arm(out: Path, plan: Plan, arm: Arm, prompts_file: Path) -> str:
     plan_file.write_text(json.dumps({**plan.measure, "out": str(folder / "measure"),
                                      "resumed_at": state_step(state) if state else None}, indent=2))
     say(f"{folder.name}: {status} ({plan.steps} steps, use_lpl = {str(arm.lpl['use_lpl']).lower()}"
-        f"{', lpl_weight = %g' % arm.lpl['lpl_weight'] if 'lpl_weight' in arm.lpl else ''}, seed {arm.seed}); "
+        f"{', lpl_weight = ' + format(arm.lpl['lpl_weight'], 'g') if 'lpl_weight' in arm.lpl else ''}, seed {arm.seed}); "
         f"log: {folder / 'train.log'}")
     run_arm(command(python_executable(), Path(plan.script), config, state), folder, plan_file, plan.steps,
             folder.name, say)
