@@ -66,6 +66,9 @@ class TieBound:
     bound: Tensor
     exempt: int
     compared: int
+    # L1: each per-layer loss (B, L) recomputed on |x| + |y| instead of |x - y|: the size of the summands before the
+    # subtraction float32 rounds, so the scale against which another kernel's rounding of the loss is measured.
+    loss_magnitude: Tensor | None = None
 
     @property
     def fraction(self) -> float:
@@ -127,6 +130,12 @@ def coefficients(compared: ComparedMap, num_layers: int) -> Tensor:
     return compared.weight / (kept * channels * num_layers)
 
 
+def layer_loss(compared: ComparedMap, num_layers: int, terms: Tensor) -> Tensor:
+    """One layer's L1 loss per sample (B,) from its per-element terms (|x - y| gives the loss itself), kept only."""
+    kept = terms if compared.mask is None else terms * compared.mask
+    return (coefficients(compared, num_layers)[:, :, None, None] * kept).sum(dim=(1, 2, 3)) * num_layers
+
+
 def normalized_prediction(case: dict, x: Tensor, target_norm: Tensor | None) -> Tensor:
     """A prediction map normalized as the reference compares it ('shared' divides by the target's norm)."""
     if case["norm_type"] == "default":
@@ -178,6 +187,7 @@ def tie_bound(vae64: nn.Module, case: dict, tensors: dict, scaling_factor: float
     if case["loss_type"] != "l1":
         return TieBound(bound, 0, 0)
     maps = compared_maps(vae64, case, pred, target, scaling_factor)
+    magnitude = torch.stack([layer_loss(m, len(maps), m.pred.abs() + m.target.abs()) for m in maps], dim=1)
     exempt = compared = 0
     per_sample: dict[int, list[tuple]] = {}
     weights: dict[int, list[float]] = {}
@@ -190,7 +200,7 @@ def tie_bound(vae64: nn.Module, case: dict, tensors: dict, scaling_factor: float
             per_sample.setdefault(b, []).append((layer, c, h, w))
             weights.setdefault(b, []).append(2.0 * float(coefficient[b, c]))
     if not jacobians:
-        return TieBound(bound, exempt, compared)
+        return TieBound(bound, exempt, compared, magnitude)
     # The Jacobian rows are taken in float32 (float64 convolutions are many times slower on CPUs): rounding moves
     # them by about 1e-6 of their size, which JACOBIAN_SLACK covers a thousand times over.
     vae32 = vae32 if vae32 is not None else copy.deepcopy(vae64).float()
@@ -198,7 +208,7 @@ def tie_bound(vae64: nn.Module, case: dict, tensors: dict, scaling_factor: float
         norms = {layer: m.target_norm[b:b + 1].float() for layer, m in enumerate(maps) if m.target_norm is not None}
         rows = jacobian_sum(vae32, case, pred[b:b + 1].float(), scaling_factor, elements, weights[b], norms)
         bound[b] = rows.double() * JACOBIAN_SLACK
-    return TieBound(bound, exempt, compared)
+    return TieBound(bound, exempt, compared, magnitude)
 
 
 def gradient_excess(actual: Tensor, expected: Tensor, bound: Tensor) -> float:

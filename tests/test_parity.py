@@ -13,6 +13,7 @@ import torch
 from lpl_plugin import LatentPerceptualLoss, LPLConfig
 
 from .parity_check import ENGINES, EXTRA, case_tie_bound, check_case, compat_config, fixtures
+from .parity_ties import compared_maps, float64_vae, layer_loss
 from .conftest import GOLDEN
 from .reference_vaes import rebuild_sdxl_layout_vae, recorded_sha256, weights_sha256
 
@@ -61,6 +62,22 @@ def test_near_ties_are_rare(request, golden_vae, folder, case):
     print(f"{folder}/{case['key']}: {counts.exempt} near-tie elements of {counts.compared} ({counts.fraction:.3%})")
     built_near = case.get("z0_hat_mode") in BUILT_NEAR
     assert counts.fraction < (MAX_NEAR_TIE_SHARE_BUILT_NEAR if built_near else MAX_NEAR_TIE_SHARE)
+
+
+@pytest.mark.parametrize("folder,case", L1_CASES[::7], ids=lambda value: value["key"] if isinstance(value, dict) else value)
+def test_loss_magnitude_uses_the_loss_own_coefficients(request, golden_vae, folder, case):
+    """The L1 loss scale (|x| + |y| in place of |x - y|) is taken with the loss's own coefficients: with |x - y| they
+    give the reference's per-layer losses, and the scale is never below the loss."""
+    cases, tensors = fixtures(GOLDEN.parent / folder)
+    vae = golden_vae if case.get("vae", "tiny_vae") == "tiny_vae" else request.getfixturevalue("sdxl_layout_vae")
+    vae64 = float64_vae(vae)
+    z0_hat, z0 = (tensors[f"{case['key']}.{name}"].double() for name in ("z0_hat", "z0"))
+    maps = compared_maps(vae64, case, z0_hat, z0, cases["scaling_factor"])
+    recomputed = torch.stack([layer_loss(m, len(maps), (m.pred - m.target).abs()) for m in maps], dim=1)
+    expected = tensors[f"{case['key']}.loss_per_layer"].double()
+    assert torch.allclose(recomputed, expected, rtol=1e-4, atol=1e-7)
+    magnitude = case_tie_bound(vae, case, tensors, cases["scaling_factor"], jacobians=False).loss_magnitude
+    assert magnitude is not None and (magnitude >= recomputed * (1 - 1e-12)).all()
 
 
 def test_compat_computes_where_the_reference_raises(golden_vae):
