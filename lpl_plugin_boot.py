@@ -9,7 +9,7 @@ a `library`, it leaves `sys.meta_path` and calls `on_library` here (standard lib
 `sys.argv[0]` resolved (a symlink, a relative path, `python -m`, whose argv[0] runpy sets to the module's file before
 running it), else `__main__`, else a top-level module of the checkout being imported (a wrapper or notebook that
 imports `sdxl_train_network`). Arming on the import of sd-scripts' own package rather than on argv[0] at start-up is
-what makes all of these starts look alike. Then `lpl_plugin.activation` (torch with it) takes over. When lpl-plugin
+what makes all of these starts look alike. Then `lpl_plugin.patches.activation` (torch with it) takes over. When lpl-plugin
 itself is gone (pip uninstall, uv sync) while the `.pth` file stays, the finder says so in one line in sd-scripts
 processes only.
 """
@@ -143,7 +143,7 @@ def running_script(root: str) -> tuple[str | None, list[str] | None]:
 
 
 def on_library(pth: str) -> None:
-    """The first import of a `library` package: hand an sd-scripts process to lpl_plugin.activation, else nothing.
+    """The first import of a `library` package: hand an sd-scripts process to lpl_plugin.patches.activation, else nothing.
 
     Raises SystemExit(2) for a refused run; a failure of ours before the hand-over leaves the run alone.
     """
@@ -152,7 +152,7 @@ def on_library(pth: str) -> None:
         chosen = mode()
         if root is None or chosen == "off" or data_worker():
             return
-        from lpl_plugin import activation
+        from lpl_plugin.patches import activation
         script, argv = running_script(root)
     except Exception as error:  # a broken install: say so once and leave the run as it is
         sys.stderr.write(f"lpl-plugin: lpl-plugin is enabled but could not start ({type(error).__name__}: {error}); "

@@ -1,44 +1,38 @@
 """Latent Perceptual Loss (Berrada et al., ICLR 2025) for the SDXL trainers people already run."""
 
-from pathlib import Path as _Path
-
-# In a source checkout `patches/` and `configs/` sit beside this package; setup.cfg's package_dir installs them
-# as `lpl_plugin.patches` and `lpl_plugin.configs`. Mirror that mapping so both import the same way from source.
-_checkout = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).parent / "patches").is_dir() and (_checkout / "setup.cfg").is_file():
-    __path__.append(str(_checkout))  # type: ignore[name-defined]  # noqa: F821
-
 import importlib as _importlib
-import sys as _sys
-import types as _types
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the names below, for type checkers; at run time they are imported on first use (PEP 562)
-    from .config import ConfigError, LPLConfig, Problem
-    from .diffusion import min_snr_weight, predict_z0, snr
-    from .errors import UserError
-    from .guard import NonFiniteLPLError
-    from .gui import launch_command
-    from .hook import LPLHook
-    from .loss import LatentPerceptualLoss
-    from .plugins import HostContext, load_plugin_hooks
-    from .preflight import Preflight, check_training_config, check_training_mapping
-    from .registry import ENTRY_POINT_GROUP, HookRegistry, HookResult, LossContext, registry
-    from .schema import add_arguments, json_schema, options, validate
-    from .toml_io import load_config, render_toml
-    from .vae_io import load_vae
+    from lpl_plugin.settings.config import ConfigError, LPLConfig, Problem
+    from lpl_plugin.training.diffusion import min_snr_weight, predict_z0, snr
+    from lpl_plugin.settings.errors import UserError
+    from lpl_plugin.engine.guard import NonFiniteLPLError
+    from lpl_plugin.patches.gui import launch_command
+    from lpl_plugin.training.hook import LPLHook
+    from lpl_plugin.engine.perceptual_loss import LatentPerceptualLoss
+    from lpl_plugin.training.plugins import HostContext, load_plugin_hooks
+    from lpl_plugin.settings.preflight import Preflight, check_training_config, check_training_mapping
+    from lpl_plugin.training.registry import ENTRY_POINT_GROUP, HookRegistry, HookResult, LossContext, registry
+    from lpl_plugin.settings.schema import add_arguments, json_schema, options, validate
+    from lpl_plugin.settings.toml_io import load_config, render_toml
+    from lpl_plugin.settings.vae_io import load_vae
 
 # Where each public name lives. Importing the package stays light (no torch), so config checks, `lpl-plugin
 # validate` and the launcher's preflight start fast; the engine's names import torch when first used.
 _EXPORTS = {
-    "ConfigError": "config", "LPLConfig": "config", "Problem": "config",
-    "min_snr_weight": "diffusion", "predict_z0": "diffusion", "snr": "diffusion",
-    "UserError": "errors", "NonFiniteLPLError": "guard", "launch_command": "gui", "LPLHook": "hook",
-    "LatentPerceptualLoss": "loss", "HostContext": "plugins", "load_plugin_hooks": "plugins",
-    "Preflight": "preflight", "check_training_config": "preflight", "check_training_mapping": "preflight",
-    "ENTRY_POINT_GROUP": "registry", "HookRegistry": "registry", "HookResult": "registry", "LossContext": "registry",
-    "add_arguments": "schema", "json_schema": "schema", "options": "schema", "validate": "schema",
-    "load_config": "toml_io", "render_toml": "toml_io", "load_vae": "vae_io",
+    "ConfigError": "settings.config", "LPLConfig": "settings.config", "Problem": "settings.config",
+    "UserError": "settings.errors", "Preflight": "settings.preflight",
+    "check_training_config": "settings.preflight", "check_training_mapping": "settings.preflight",
+    "add_arguments": "settings.schema", "json_schema": "settings.schema", "options": "settings.schema",
+    "validate": "settings.schema", "load_config": "settings.toml_io", "render_toml": "settings.toml_io",
+    "load_vae": "settings.vae_io",
+    "LatentPerceptualLoss": "engine.perceptual_loss", "NonFiniteLPLError": "engine.guard",
+    "min_snr_weight": "training.diffusion", "predict_z0": "training.diffusion", "snr": "training.diffusion",
+    "LPLHook": "training.hook", "HostContext": "training.plugins", "load_plugin_hooks": "training.plugins",
+    "ENTRY_POINT_GROUP": "training.registry", "HookRegistry": "training.registry",
+    "HookResult": "training.registry", "LossContext": "training.registry", "registry": "training.registry",
+    "launch_command": "patches.gui",
 }
 
 
@@ -54,27 +48,7 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     """The module's names, the lazily imported ones included."""
-    return sorted(set(globals()) | set(_EXPORTS) | {"registry"})
-
-
-class _Package(_types.ModuleType):
-    """This package's module type: `lpl_plugin.registry` is the hook registry object, not the submodule.
-
-    Importing the submodule `lpl_plugin.registry` makes the import system set that attribute to the module; the
-    setter below ignores it, as the eager `from .registry import registry` used to overwrite it.
-    """
-
-    @property
-    def registry(self):
-        """The process-wide HookRegistry (imported on first use)."""
-        return _importlib.import_module(".registry", __name__).registry
-
-    @registry.setter
-    def registry(self, value) -> None:
-        pass
-
-
-_sys.modules[__name__].__class__ = _Package
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __version__ = "0.1.0"

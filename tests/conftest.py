@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpl_plugin.tiny import tiny_unet, tiny_vae
+from lpl_plugin.engine.tiny import tiny_unet, tiny_vae
 
 GOLDEN = Path(__file__).parent / "golden" / "lpl_reference"
 

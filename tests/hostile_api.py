@@ -180,7 +180,7 @@ def launch_script_none():
 
 def _vae():
     """A tiny real AutoencoderKL (4 latent channels)."""
-    from lpl_plugin.tiny import tiny_vae
+    from lpl_plugin.engine.tiny import tiny_vae
     return tiny_vae()
 
 
@@ -306,7 +306,7 @@ def run_file(runner: str, path: str) -> Any:
         from lpl_plugin import load_vae
         return load_vae(path)
     if runner == "api-image":
-        from lpl_plugin.files import open_image
+        from lpl_plugin.settings.files import open_image
         return open_image(path)
     raise ValueError(f"unknown runner {runner}")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lpl_plugin.outliers import outlier_mask
+from lpl_plugin.engine.outliers import outlier_mask
 
 # Largest float32-vs-float64 deviation of a compared difference (x - y), relative to the largest compared magnitude
 # of its sample's map, over every third L1 fixture case and five kernel families on an AVX2-only AMD EPYC:

@@ -80,7 +80,7 @@ def on_path(folder: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def hooks_off(session: Any, off: bool = True) -> Iterator[None]:
     """The same session with no hook registered (as in a run without LPL), then its hooks back."""
-    from lpl_plugin.registry import HookRegistry
+    from lpl_plugin.training.registry import HookRegistry
 
     registry = session.registry
     if off:

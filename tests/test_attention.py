@@ -8,8 +8,9 @@ import logging
 import pytest
 import torch
 
-from lpl_plugin import LatentPerceptualLoss, LPLConfig, attention
+from lpl_plugin import LatentPerceptualLoss, LPLConfig
 
+from lpl_plugin.engine import attention
 XFORMERS = importlib.util.find_spec("xformers") is not None
 
 

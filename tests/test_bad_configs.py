@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lpl_plugin import ConfigError
-from lpl_plugin.cli import main
-from lpl_plugin.preflight import check_training_config, check_training_mapping
+from lpl_plugin.cli.main import main
+from lpl_plugin.settings.preflight import check_training_config, check_training_mapping
 
 DATA = Path(__file__).parent / "data"
 CATALOG = json.loads((DATA / "bad_configs" / "catalog.json").read_text(encoding="utf-8"))["entries"]

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from lpl_plugin.cli import main
-from lpl_plugin.tiny import tiny_vae
+from lpl_plugin.cli.main import main
+from lpl_plugin.engine.tiny import tiny_vae
 
 TINY = ["bench", "--vae", "tiny", "--latent", "8", "--batch", "2", "--rounds", "1", "--calls", "1",
         "--device", "cpu", "--threads", "1"]
@@ -60,7 +60,7 @@ def test_bench_rejects_unknown_variants_missing_reference_and_bad_vae(capsys, tm
 
 
 def test_gpu_suite_runs_reduced_on_a_cpu_and_writes_both_reports(capsys, tmp_path):
-    from lpl_plugin.presets import preset_names
+    from lpl_plugin.settings.presets import preset_names
 
     out = tmp_path / "report"
     assert main(["bench", "--suite", "gpu", "--device", "cpu", "--vae", "tiny", "--resolution", "64",

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from lpl_plugin import cli
-from lpl_plugin.compare.metrics import psnr, ssim
+from lpl_plugin.cli import main as cli
+from lpl_plugin.training.image_metrics import psnr, ssim
 from lpl_plugin.compare.stats import bootstrap_mean, median_step_seconds, paired_bootstrap, verdict_line
 from lpl_plugin.compare.toml_write import dumps
-from lpl_plugin.toml_io import tomllib
+from lpl_plugin.settings.toml_io import tomllib
 from tests.standin_fixtures import root
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")

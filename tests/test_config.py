@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from lpl_plugin import ConfigError, LPLConfig, load_config, render_toml
-from lpl_plugin.toml_io import check_file
+from lpl_plugin.settings.toml_io import check_file
 
 from .conftest import write
 
@@ -115,7 +115,7 @@ def test_valid_edge_cases(tmp_path):
 
 def edge_values(name: str) -> list:
     """Every valid edge of one option: both booleans, each choice, or its bounds and a value just inside them."""
-    from lpl_plugin.config import _FIELDS, choices, kind
+    from lpl_plugin.settings.config import _FIELDS, choices, kind
 
     valid = choices(name)
     if kind(name) == "bool":
@@ -174,7 +174,7 @@ def test_choices_come_from_the_literal_types():
 @pytest.mark.parametrize("table", ["lpl]\nlpl_weight = 100\n[x", "", "a b", "lpl_weight", "use_lpl", "lpl_enabled",
                                    "[lpl]", "lpl.x", 3])
 def test_render_refuses_tables_that_are_not_safe_bare_keys(table):
-    from lpl_plugin.errors import ArgumentError
+    from lpl_plugin.settings.errors import ArgumentError
 
     with pytest.raises(ArgumentError, match="`table` must be a bare TOML key"):
         render_toml(LPLConfig(), table=table)
@@ -189,8 +189,8 @@ GUI_STRINGS = {"use_lpl": ("true", True), "lpl_weight": ("1.0", 1.0), "lpl_t_thr
 def test_gui_strings_are_their_values_everywhere_settings_are_read(tmp_path):
     import argparse
 
-    from lpl_plugin.preflight import check_training_mapping
-    from lpl_plugin.schema import validate
+    from lpl_plugin.settings.preflight import check_training_mapping
+    from lpl_plugin.settings.schema import validate
 
     expected = LPLConfig(**{name: value for name, (_, value) in GUI_STRINGS.items()})
     typed = {name: text for name, (text, _) in GUI_STRINGS.items()}
@@ -212,6 +212,6 @@ def test_gui_strings_are_their_values_everywhere_settings_are_read(tmp_path):
     ("lpl_pow_law", "enabled", '`lpl_pow_law` must be true or false, got "enabled" (string)'),
 ])
 def test_gui_strings_that_do_not_read_as_the_type_are_refused(name, text, expected):
-    from lpl_plugin.schema import validate
+    from lpl_plugin.settings.schema import validate
 
     assert validate({name: text}) == {name: [expected]}

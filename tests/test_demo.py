@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpl_plugin.cli import main
+from lpl_plugin.cli.main import main
 from lpl_plugin.demo.data import batch_noise
 
 from .conftest import write

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from lpl_plugin.cli import main
+from lpl_plugin.cli.main import main
 from lpl_plugin.patches.sd_scripts_tested import TESTED_COMMITS, all_tested_labels
 from tests.sd_sources import BESIDE_REPO, SOURCES_ENV, archives, sources_folder
 from tests.standin_fixtures import root, write_config

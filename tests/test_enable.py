@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import lpl_plugin_boot
-from lpl_plugin import cli_enable
+from lpl_plugin.cli import enable as cli_enable
 from lpl_plugin.patches import sd_scripts
 from tests.enabled_env import Env, logs, make_env, run, saved
 from tests.standin_fixtures import root, standin, write_config
@@ -55,8 +55,8 @@ def enabled_here():
 # -- enable, disable, doctor --------------------------------------------------------------------------------------
 
 SEQUENCE = """
-from lpl_plugin.cli import main
-from lpl_plugin.cli_enable import report
+from lpl_plugin.cli.main import main
+from lpl_plugin.cli.enable import report
 for step in ("report", "enable", "report", "enable", "disable", "report", "disable"):
     print("==", step, flush=True)
     print(report()) if step == "report" else main([step])
@@ -83,7 +83,7 @@ def test_enable_writes_the_line_disable_removes_it_and_doctor_says_which(tmp_pat
 
 
 def test_enable_refuses_a_site_packages_it_cannot_write(tmp_path, monkeypatch, capsys):
-    from lpl_plugin.cli import main
+    from lpl_plugin.cli.main import main
 
     monkeypatch.setattr(cli_enable, "site_dir", lambda: tmp_path)
     # Mock of the OS permission check only: tests run as root, for whom every folder is writable.

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from lpl_plugin.cli import main
-from lpl_plugin.estimate import estimate_for
+from lpl_plugin.cli.main import main
+from lpl_plugin.engine.estimate import estimate_for
 
 # Measures the peak resident memory of an LPL call (after one call that loads code and kernels) above the memory
 # held just before it. glibc's mmap threshold is pinned so that freed maps go back to the system and RSS follows
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from lpl_plugin import LatentPerceptualLoss, LPLConfig
-from lpl_plugin.bench_worker import make_latents
-from lpl_plugin.memory import current_rss, peak_rss, reset_peak_rss
-from lpl_plugin.tiny import tiny_vae
+from lpl_plugin.bench.worker import make_latents
+from lpl_plugin.engine.memory import current_rss, peak_rss, reset_peak_rss
+from lpl_plugin.engine.tiny import tiny_vae
 
 vae = tiny_vae()
 for case in json.loads(sys.argv[1]):

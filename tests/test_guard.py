@@ -9,8 +9,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from lpl_plugin import HookRegistry, LossContext, LPLConfig, LPLHook, UserError
-from lpl_plugin.guard import NonFiniteGuard, NonFiniteLPLError, stop_message
-from lpl_plugin.tiny import sdxl_conditioning, tiny_unet
+from lpl_plugin.engine.guard import NonFiniteGuard, NonFiniteLPLError, stop_message
+from lpl_plugin.engine.tiny import sdxl_conditioning, tiny_unet
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 BATCH, SIDE = 2, 8

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from lpl_plugin import LPLConfig, launch_command, options, render_toml, validate
-from lpl_plugin.toml_io import tomllib
+from lpl_plugin.settings.toml_io import tomllib
 from tests.standin_fixtures import root
 
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from lpl_plugin import HookRegistry, LossContext, LPLConfig, LPLHook, predict_z0
-from lpl_plugin.tiny import sdxl_conditioning, tiny_unet
+from lpl_plugin.engine.tiny import sdxl_conditioning, tiny_unet
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from diffusers import AutoencoderKL  # noqa: F401  (imported before capsys, so d
 from PIL import Image
 
 from lpl_plugin import LatentPerceptualLoss, LPLConfig
-from lpl_plugin.cli import main
-from lpl_plugin.cli_inspect import layer_views, load_image
+from lpl_plugin.cli.main import main
+from lpl_plugin.cli.inspect import layer_views, load_image
 from lpl_plugin.demo.data import draw, make_scenes
-from lpl_plugin.outliers import outlier_mask
+from lpl_plugin.engine.outliers import outlier_mask
 
 
 @pytest.fixture(scope="module")

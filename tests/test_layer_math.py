@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lpl_plugin import LatentPerceptualLoss, LPLConfig
-from lpl_plugin.outliers import outlier_mask
+from lpl_plugin.engine.outliers import outlier_mask
 
 from .test_loss import latents
 

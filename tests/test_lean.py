@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from lpl_plugin import LatentPerceptualLoss, LPLConfig, tensors
-from lpl_plugin.frozen import FrozenConv2d, LeanResnet, LeanUpsample, freeze_layers
-from lpl_plugin.precision import LossScale
-from lpl_plugin.tiny import tiny_vae
+from lpl_plugin import LatentPerceptualLoss, LPLConfig
+
+from lpl_plugin.engine import tensors
+from lpl_plugin.engine.frozen import FrozenConv2d, LeanResnet, LeanUpsample, freeze_layers
+from lpl_plugin.engine.precision import LossScale
+from lpl_plugin.engine.tiny import tiny_vae
 
 from .test_loss import latents
 
@@ -193,7 +195,7 @@ def test_host_autocast_does_not_change_the_decoder_precision(vae, grad_mode):
 
 def test_float16_loss_scale_stops_at_its_floor_and_warns_once(vae, caplog):
     from lpl_plugin import LPLHook
-    from lpl_plugin.precision import SCALE_FLOOR
+    from lpl_plugin.engine.precision import SCALE_FLOOR
 
     hot = copy.deepcopy(vae)
     with torch.no_grad():

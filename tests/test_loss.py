@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lpl_plugin import LatentPerceptualLoss, LPLConfig, UserError
-from lpl_plugin.tiny import tiny_vae
+from lpl_plugin.engine.tiny import tiny_vae
 
 
 def latents(batch=2, size=8, seed=0, noise=0.3):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lpl_plugin import LatentPerceptualLoss, LPLConfig
-from lpl_plugin.frozen import LeanResnet
+from lpl_plugin.engine.frozen import LeanResnet
 
 from .test_loss import latents
 
@@ -27,8 +27,8 @@ import json, resource, sys
 import torch
 torch.set_num_threads(1)
 from lpl_plugin import LatentPerceptualLoss, LPLConfig
-from lpl_plugin.estimate import estimate_peak
-from lpl_plugin.tiny import tiny_vae
+from lpl_plugin.engine.estimate import estimate_peak
+from lpl_plugin.engine.tiny import tiny_vae
 
 vae = tiny_vae()
 g = torch.Generator().manual_seed(0)

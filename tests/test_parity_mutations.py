@@ -14,8 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from lpl_plugin import loss as engine_module
-
+from lpl_plugin.engine import perceptual_loss as engine_module
 from .parity_check import EXTRA, case_tie_bound, fixtures, parity_failures, run_engine
 from .parity_ties import TIE_MARGIN, coefficients, compared_maps, float64_vae, jacobian_sum
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lpl_plugin import LPLConfig, LPLHook
-from lpl_plugin.precision import resolve_dtype
+from lpl_plugin.engine.precision import resolve_dtype
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 

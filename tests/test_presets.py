@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from lpl_plugin import LPLConfig
-from lpl_plugin.cli import main
-from lpl_plugin.config import is_lpl_key
-from lpl_plugin.presets import preset_names, preset_text
-from lpl_plugin.toml_io import config_from_toml, tomllib
+from lpl_plugin.cli.main import main
+from lpl_plugin.settings.config import is_lpl_key
+from lpl_plugin.settings.presets import preset_names, preset_text
+from lpl_plugin.settings.toml_io import config_from_toml, tomllib
 
 NAMES = ["sdxl_lora_8gb", "sdxl_lora_12gb", "sdxl_lora_16gb", "sdxl_lora_24gb", "sdxl_full_24gb"]
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import lpl_plugin
-from lpl_plugin.plugins import Plugin
-from lpl_plugin.rank_hooks import disagreement, hook_versions
-from lpl_plugin.ranks import Reduced, agreed_int, drop_if_any, max_over_ranks, reduce_logs, rule, world_size
+from lpl_plugin.training.plugins import Plugin
+from lpl_plugin.training.rank_hooks import disagreement, hook_versions
+from lpl_plugin.training.ranks import Reduced, agreed_int, drop_if_any, max_over_ranks, reduce_logs, rule, world_size
 from tests.enabled_env import Env, logs, make_env, run
 from tests.hook_dists import TV_HOOK, pip_install, write_distribution
 from tests.standin_fixtures import root, write_config
@@ -92,8 +92,8 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.set_num_threads(1)
 from lpl_plugin import LPLConfig, LPLHook
-from lpl_plugin.ranks import agreed_int
-from lpl_plugin.tiny import tiny_vae
+from lpl_plugin.training.ranks import agreed_int
+from lpl_plugin.engine.tiny import tiny_vae
 from diffusers import DDPMScheduler
 
 torch.manual_seed(0)

@@ -29,9 +29,9 @@ dist.init_process_group(backend)
 torch.set_num_threads(1)
 from diffusers import DDPMScheduler
 from lpl_plugin import LPLConfig, LPLHook
-from lpl_plugin.rank_hooks import agree_on_hooks
-from lpl_plugin.ranks import agreed_int, reduce_logs
-from lpl_plugin.tiny import tiny_vae
+from lpl_plugin.training.rank_hooks import agree_on_hooks
+from lpl_plugin.training.ranks import agreed_int, reduce_logs
+from lpl_plugin.engine.tiny import tiny_vae
 
 torch.manual_seed(0)
 hook = LPLHook(tiny_vae(), LPLConfig(use_lpl=True, lpl_t_threshold=500, lpl_num_blocks=1), device=device)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lpl_plugin.tiny import SDXL_SCALING_FACTOR, sdxl_conditioning
+from lpl_plugin.engine.tiny import SDXL_SCALING_FACTOR, sdxl_conditioning
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

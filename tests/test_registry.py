@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lpl_plugin import HookRegistry, HookResult, LossContext
-from lpl_plugin.plugins import HostContext, load_plugin_hooks
-from lpl_plugin.registry import HookError
+from lpl_plugin.training.plugins import HostContext, load_plugin_hooks
+from lpl_plugin.training.registry import HookError
 
 
 def context(batch=3, **changes):

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from lpl_plugin.config import ConfigError, LPLConfig
-from lpl_plugin.diffusion import min_snr_weight, predict_z0, snr
-from lpl_plugin.loss import LatentPerceptualLoss
+from lpl_plugin.settings.config import ConfigError, LPLConfig
+from lpl_plugin.training.diffusion import min_snr_weight, predict_z0, snr
+from lpl_plugin.engine.perceptual_loss import LatentPerceptualLoss
 from lpl_plugin.patches import sd_scripts
 from lpl_plugin.patches.sd_scripts_seams import (KNOWN_FINGERPRINTS, V0_9, V0_10, V0_11, ModuleReader, SourceReader,
                                                  UnsupportedHost, detect, fingerprint)

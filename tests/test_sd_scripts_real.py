@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lpl_plugin.diffusion import min_snr_weight, predict_z0, snr
-from lpl_plugin.loss import LatentPerceptualLoss
-from lpl_plugin.tiny import tiny_vae
+from lpl_plugin.training.diffusion import min_snr_weight, predict_z0, snr
+from lpl_plugin.engine.perceptual_loss import LatentPerceptualLoss
+from lpl_plugin.engine.tiny import tiny_vae
 
 from .sd_sources import Source, real_sources
 from .standin_fixtures import hooks_off, on_path

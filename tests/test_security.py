@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lpl_plugin import UserError, options
-from lpl_plugin.cli import main
-from lpl_plugin.preflight import check_training_config
-from lpl_plugin.vae_io import load_vae
+from lpl_plugin.cli.main import main
+from lpl_plugin.settings.preflight import check_training_config
+from lpl_plugin.settings.vae_io import load_vae
 
 PROBE = "lpl_security_probe"
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from lpl_plugin.patches.sd_scripts_state import STATE_FILE, resumed_state, save_state
-from lpl_plugin.registry import HookRegistry
+from lpl_plugin.training.registry import HookRegistry
 
 WRITER = r'''
 import sys
 
 from lpl_plugin.patches.sd_scripts_state import save_state
-from lpl_plugin.registry import HookRegistry
+from lpl_plugin.training.registry import HookRegistry
 
 
 class Counters:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lpl_plugin.patches import sd_scripts
-from lpl_plugin.schedule import forget_tables
+from lpl_plugin.training.schedule import forget_tables
 from tests.standin_fixtures import module, standin, write_config
 from tests.sync_counter import SyncCounter
 

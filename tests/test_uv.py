@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import lpl_plugin_boot
-from lpl_plugin.environment import locks_lpl_plugin, uv_report
+from lpl_plugin.patches.environment import locks_lpl_plugin, uv_report
 from tests.enabled_env import Env, link_parent, logs, run
 from tests.standin_fixtures import root, write_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli_args import bounded_int, number
+from lpl_plugin.settings.values import bounded_int, number
 
 DEFAULT_OUT = Path("lpl-compare")
 
@@ -77,6 +77,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Check everything, train the arms one by one, write the report; returns the exit status."""
-    from .run import compare
+    from lpl_plugin.compare.run import compare
 
     return compare(args)

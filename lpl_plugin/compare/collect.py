@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .report import ArmResult
-from .runner import read_steps
+from lpl_plugin.compare.report import ArmResult
+from lpl_plugin.compare.runner import read_steps
 
 # sd-scripts names samples [<output_name>_]<steps:06d>_<prompt index:02d>_<timestamp>[_<seed>].png, and the one
 # before the first step (sample_at_first, called with epoch 0) e000000_...

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..files import parse_toml, read_text
-from ..messages import show_path
+from lpl_plugin.settings.errors import UserError
+from lpl_plugin.settings.files import parse_toml, read_text
+from lpl_plugin.settings.messages import show_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -107,7 +107,7 @@ def held_out_dataset(host: dict[str, Any], data: dict[str, Any] | None, moved: d
         for subset in dataset.get("subsets", []):
             if subset.get("image_dir"):
                 subset["image_dir"] = str(moved[Path(str(subset["image_dir"]))])
-    from .toml_write import dumps
+    from lpl_plugin.compare.toml_write import dumps
 
     path = folder / "dataset.toml"
     path.write_text(dumps(rewritten), encoding="utf-8")

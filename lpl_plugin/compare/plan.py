@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import ALIASES
-from ..errors import UserError
-from ..messages import show_path
-from .dataset import Image
-from .toml_write import dumps
+from lpl_plugin.settings.config import ALIASES
+from lpl_plugin.settings.errors import UserError
+from lpl_plugin.settings.messages import show_path
+from lpl_plugin.compare.dataset import Image
+from lpl_plugin.compare.toml_write import dumps
 
 PLAN_FILE = "compare.json"
 DONE_FILE = "done.json"

@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from .figures import curves_png, grid_png
-from .render import write_html, write_markdown
-from .stats import bootstrap_mean, finite, median_step_seconds, paired_bootstrap, verdict_line
+from lpl_plugin.compare.figures import curves_png, grid_png
+from lpl_plugin.compare.render import write_html, write_markdown
+from lpl_plugin.compare.stats import bootstrap_mean, finite, median_step_seconds, paired_bootstrap, verdict_line
 
 SCHEMA = "lpl-plugin-compare/1"
 METRICS = {"psnr": ("PSNR", "dB", True), "ssim": ("SSIM", "", True)}

@@ -9,16 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError, write_lines
-from ..messages import show_path
-from ..preflight import _host_values, check_training_config, check_training_mapping
-from ..toml_io import read_toml
-from .collect import collect
-from .dataset import hold_out, held_out_dataset, pick, training_images
-from .plan import (DONE_FILE, PLAN_FILE, Arm, Plan, arm_done, arm_host, check_dir, make_arms, prompt_lines,
+from lpl_plugin.settings.errors import UserError, write_lines
+from lpl_plugin.settings.messages import show_path
+from lpl_plugin.settings.preflight import _host_values, check_training_config, check_training_mapping
+from lpl_plugin.settings.toml_io import read_toml
+from lpl_plugin.compare.collect import collect
+from lpl_plugin.compare.dataset import hold_out, held_out_dataset, pick, training_images
+from lpl_plugin.compare.plan import (DONE_FILE, PLAN_FILE, Arm, Plan, arm_done, arm_host, check_dir, make_arms, prompt_lines,
                    prompts_from, sample_interval, write_arm_toml)
-from .report import Prompt, write_report
-from .runner import ArmFailed, command, last_state, python_executable, run_arm, state_step
+from lpl_plugin.compare.report import Prompt, write_report
+from lpl_plugin.compare.runner import ArmFailed, command, last_state, python_executable, run_arm, state_step
 
 SCRIPTS = {True: "sdxl_train_network.py", False: "sdxl_train.py"}
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .measure import PLAN_ENV
+from lpl_plugin.training.measure import PLAN_ENV
 
 POLL_SECONDS = 0.5
 STOP_GRACE_SECONDS = 30

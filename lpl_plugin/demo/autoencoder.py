@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..tiny import SDXL_SCALING_FACTOR, tiny_vae
-from .data import generator
+from lpl_plugin.engine.tiny import SDXL_SCALING_FACTOR, tiny_vae
+from lpl_plugin.demo.data import generator
 
 # SDXL's latents have a std of about 1 / 0.13025 before scaling; the demo's VAE is rescaled to match, so that the
 # trainer-scaled latents have unit scale, as they do for SDXL.
@@ -125,7 +125,7 @@ def save_vae(vae: nn.Module, folder: Path) -> None:
 
 def load_vae(folder: Path) -> nn.Module:
     """Read a VAE written by save_vae (safetensors only, no network)."""
-    from ..vae_io import load_vae as load_local_vae
+    from lpl_plugin.settings.vae_io import load_vae as load_local_vae
 
     return load_local_vae(folder).requires_grad_(False)
 

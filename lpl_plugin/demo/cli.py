@@ -7,11 +7,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from ..cli_args import bounded_int, integer, number
-from ..config import LPLConfig
-from ..errors import UserError, write_lines
-from ..messages import show_path
-from .settings import (DEMO_LPL, DEVICES, MIXED_PRECISION, OPTIMIZERS, PRESETS, DemoSettings, demo_lpl_text,
+from lpl_plugin.settings.values import bounded_int, integer, number
+from lpl_plugin.settings.config import LPLConfig
+from lpl_plugin.settings.errors import UserError, write_lines
+from lpl_plugin.settings.messages import show_path
+from lpl_plugin.demo.settings import (DEMO_LPL, DEVICES, MIXED_PRECISION, OPTIMIZERS, PRESETS, DemoSettings, demo_lpl_text,
                        read_settings, resolve)
 
 NEEDED = ("matplotlib", "tensorboard", "tqdm")
@@ -22,7 +22,7 @@ def _lpl_settings(path: str | None) -> tuple[LPLConfig, str]:
     """The LPL settings: the demo's built-in block (DEMO_LPL), or the `use_lpl`/`lpl_*` keys of a TOML file."""
     if path is None:
         return LPLConfig(use_lpl=True, **DEMO_LPL), f"the demo's built-in block ({demo_lpl_text()}; others default)"
-    from ..preflight import check_training_config
+    from lpl_plugin.settings.preflight import check_training_config
 
     checked = check_training_config(path)
     write_lines(checked.warnings)
@@ -111,7 +111,7 @@ def _set_threads(threads: int | None) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     """Train the tiny model with and without LPL and write the artifacts."""
-    from .state import resume_point
+    from lpl_plugin.demo.state import resume_point
 
     overrides = {k: getattr(args, k) for k in ("steps", "resolution", "batch_size", "seed", "learning_rate",
                                                "vae_steps", "save_every", "device", "mixed_precision",
@@ -136,10 +136,10 @@ def _demo(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out is not None else DEFAULT_OUT
         settings = resolve(overrides, None, args.preset)
         lpl, source = _lpl_settings(args.config)
-    from .train import quiet_bitsandbytes
+    from lpl_plugin.demo.train import quiet_bitsandbytes
 
     quiet_bitsandbytes()  # before anything imports it (settings and config are checked first: no torch for those)
-    from .pipeline import check_folder, run_demo
+    from lpl_plugin.demo.pipeline import check_folder, run_demo
 
     if args.resume is None:
         check_folder(out)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..tiny import TINY_POOLED_DIM, TINY_TEXT_DIM, sdxl_conditioning
+from lpl_plugin.engine.tiny import TINY_POOLED_DIM, TINY_TEXT_DIM, sdxl_conditioning
 
 COLORS = {"red": (0.90, 0.15, 0.10), "green": (0.15, 0.75, 0.20), "blue": (0.15, 0.30, 0.95),
           "yellow": (0.95, 0.85, 0.10), "white": (0.97, 0.97, 0.97), "purple": (0.60, 0.20, 0.80)}

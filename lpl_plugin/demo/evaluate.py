@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import predict_z0
-from ..loss import LatentPerceptualLoss
-from .data import Conditioning, generator
+from lpl_plugin.training.diffusion import predict_z0
+from lpl_plugin.engine.perceptual_loss import LatentPerceptualLoss
+from lpl_plugin.demo.data import Conditioning, generator
 
 
 @torch.no_grad()

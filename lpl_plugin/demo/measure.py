@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..compare.metrics import score_images
-from ..diffusion import predict_z0
-from .autoencoder import decode
-from .data import Conditioning, generator
-from .train import MetricsLog
+from lpl_plugin.training.image_metrics import score_images
+from lpl_plugin.training.diffusion import predict_z0
+from lpl_plugin.demo.autoencoder import decode
+from lpl_plugin.demo.data import Conditioning, generator
+from lpl_plugin.demo.train import MetricsLog
 
 # Timesteps of the measure (compare's default --noise-levels) and noise seeds per image and timestep.
 NOISE_LEVELS = (50, 100, 150)
@@ -98,8 +98,8 @@ class CheckpointMeasure:
 
     def __call__(self, step: int, unet: nn.Module) -> None:
         """Sample and score the live model after `step`."""
-        from .plots import save_grid
-        from .sampling import sample
+        from lpl_plugin.demo.plots import save_grid
+        from lpl_plugin.demo.sampling import sample
 
         images = decode(self.vae, sample(unet, self.inputs.prompts, self.latent_shape, seed=self.inputs.seed))
         for index, image in enumerate(images):

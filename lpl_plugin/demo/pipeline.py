@@ -14,24 +14,24 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import LPLConfig
-from ..errors import FileError, UserError
-from ..files import is_file, path_stat, read_json_object
-from ..loss import LatentPerceptualLoss
-from ..tiny import SDXL_SCALING_FACTOR, tiny_unet
-from ..messages import show_path
-from ..toml_io import render_toml
-from .autoencoder import (build_vae, decode, encode, fit_vae, latent_std, load_vae, rescale_latents, save_vae,
+from lpl_plugin.settings.config import LPLConfig
+from lpl_plugin.settings.errors import FileError, UserError
+from lpl_plugin.settings.files import is_file, path_stat, read_json_object
+from lpl_plugin.engine.perceptual_loss import LatentPerceptualLoss
+from lpl_plugin.engine.tiny import SDXL_SCALING_FACTOR, tiny_unet
+from lpl_plugin.settings.messages import show_path
+from lpl_plugin.settings.toml_io import render_toml
+from lpl_plugin.demo.autoencoder import (build_vae, decode, encode, fit_vae, latent_std, load_vae, rescale_latents, save_vae,
                           solve_output_layer)
-from .data import CaptionEncoder, Conditioning, draw, make_scenes
-from .evaluate import evaluate
-from .measure import CheckpointMeasure, MeasureInputs, checkpoint_steps, read_scores
-from .plots import plot_losses, sample_figure, save_grid
-from .report import arm_result, lpl_share, share_note, write_demo_report
-from .sampling import sample, training_scheduler
-from .settings import SETTINGS_FILE, DemoSettings, write_settings
-from .stopping import StopRequest, graceful_stop
-from .train import METRICS_FILE, MetricsLog, RunData, RunOutcome, peak_memory, train_run
+from lpl_plugin.demo.data import CaptionEncoder, Conditioning, draw, make_scenes
+from lpl_plugin.demo.evaluate import evaluate
+from lpl_plugin.demo.measure import CheckpointMeasure, MeasureInputs, checkpoint_steps, read_scores
+from lpl_plugin.demo.plots import plot_losses, sample_figure, save_grid
+from lpl_plugin.demo.report import arm_result, lpl_share, share_note, write_demo_report
+from lpl_plugin.demo.sampling import sample, training_scheduler
+from lpl_plugin.demo.settings import SETTINGS_FILE, DemoSettings, write_settings
+from lpl_plugin.demo.stopping import StopRequest, graceful_stop
+from lpl_plugin.demo.train import METRICS_FILE, MetricsLog, RunData, RunOutcome, peak_memory, train_run
 
 RUNS = ("lpl", "baseline")
 DATASET_SIZE = 64

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..compare.report import ArmResult, Prompt, write_report
-from .measure import NOISE_LEVELS, NOISE_SEEDS, sample_path
+from lpl_plugin.compare.report import ArmResult, Prompt, write_report
+from lpl_plugin.demo.measure import NOISE_LEVELS, NOISE_SEEDS, sample_path
 
 # The report's arm names for the demo's runs (those of `lpl-plugin compare`), reference first.
 ARM_NAMES = {"baseline": "off", "lpl": "on"}

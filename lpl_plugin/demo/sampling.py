@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .data import Conditioning, generator
+from lpl_plugin.demo.data import Conditioning, generator
 
 # SDXL's training noise schedule (scaled-linear betas over 1000 steps).
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import LPLConfig
-from ..errors import FileError, UserError
-from ..files import is_dir, read_json_object
-from ..messages import show_path, show_value, shown
+from lpl_plugin.settings.config import LPLConfig
+from lpl_plugin.settings.errors import FileError, UserError
+from lpl_plugin.settings.files import is_dir, read_json_object
+from lpl_plugin.settings.messages import show_path, show_value, shown
 
 SETTINGS_FILE = "settings.json"
 DEVICES = ("cpu", "cuda")

@@ -10,9 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import FileError, UserError
-from ..files import is_dir, is_file, read_json_object
-from ..messages import show_path, show_value
+from lpl_plugin.settings.errors import FileError, UserError
+from lpl_plugin.settings.files import is_dir, is_file, read_json_object
+from lpl_plugin.settings.messages import show_path, show_value
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "demo_state.json"

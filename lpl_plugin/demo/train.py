@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import LPLConfig
-from ..files import read_text
-from ..hook import LPLHook
-from ..registry import HookRegistry, LossContext
-from ..tiny import SDXL_SCALING_FACTOR, tiny_unet
-from .data import Conditioning, batch_indices, batch_noise
-from .settings import DemoSettings
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
-from .stopping import StopRequest
+from lpl_plugin.settings.config import LPLConfig
+from lpl_plugin.settings.files import read_text
+from lpl_plugin.training.hook import LPLHook
+from lpl_plugin.training.registry import HookRegistry, LossContext
+from lpl_plugin.engine.tiny import SDXL_SCALING_FACTOR, tiny_unet
+from lpl_plugin.demo.data import Conditioning, batch_indices, batch_noise
+from lpl_plugin.demo.settings import DemoSettings
+from lpl_plugin.demo.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from lpl_plugin.demo.stopping import StopRequest
 
 WARMUP_STEPS = 10
 MAX_GRAD_NORM = 1.0
@@ -127,7 +127,7 @@ def hook_state(hook: LPLHook, step: int) -> dict[str, Any]:
 
 def restore_hook(hook: LPLHook, state: dict[str, Any], checkpoint: Path) -> None:
     """Check that the checkpoint's gating settings are this run's, and restore the hook's own counters if any."""
-    from ..errors import UserError
+    from lpl_plugin.settings.errors import UserError
 
     for key in ("use_lpl", "lpl_start", "lpl_t_threshold"):
         if key in state and state[key] != getattr(hook.config, key):
@@ -226,7 +226,7 @@ def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, 
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, gather_object
 
-    from .sampling import training_scheduler
+    from lpl_plugin.demo.sampling import training_scheduler
 
     accelerator = Accelerator(cpu=settings.device == "cpu", mixed_precision=settings.mixed_precision,
                               log_with="tensorboard",

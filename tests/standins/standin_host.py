@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lpl_plugin.toml_io import tomllib
+from lpl_plugin.settings.toml_io import tomllib
 
 
 # -- library functions ------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ class Denoiser(nn.Module):
 
 def load_models(args: argparse.Namespace, accelerator: Any, weight_dtype: torch.dtype):
     """The seven values sd-scripts' sdxl_train_util.load_target_model returns, with tiny models."""
-    from lpl_plugin.tiny import tiny_vae
+    from lpl_plugin.engine.tiny import tiny_vae
 
     torch.manual_seed(args.seed)
     vae = tiny_vae().float()

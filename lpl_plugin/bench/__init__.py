@@ -1,0 +1,1 @@
+"""`lpl-plugin bench`: the LPL call measured variant by variant, each in a fresh process."""

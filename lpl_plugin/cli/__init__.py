@@ -1,0 +1,1 @@
+"""The `lpl-plugin` command line: one module per group of subcommands."""

@@ -1,0 +1,1 @@
+"""Settings: the LPL options, reading and checking files, messages and the errors users see (the bottom layer)."""
