@@ -1,17 +1,17 @@
 """Start-up hook of `lpl-plugin enable`: arms LPL in every start of sd-scripts' trainers, stays out of other processes.
 
-`lpl-plugin enable` writes a one-line `.pth` file (`pth_line`) into the site-packages lpl-plugin is installed in.
-Python runs that line at every interpreter start: it defines a tiny meta-path finder (`WATCH_SOURCE`, no import) and,
-unless `LPL_PLUGIN=off`, puts it first on `sys.meta_path`. The finder compares each imported name with `library`, the
-top-level package every sd-scripts script imports before anything else, and does nothing else. On the first import of
-a `library`, it leaves `sys.meta_path` and calls `on_library` here (standard library only), which checks that this
-`library` sits in an sd-scripts checkout (`library/train_util.py`) and finds which script of the checkout runs:
-`sys.argv[0]` resolved (a symlink, a relative path, `python -m`, whose argv[0] runpy sets to the module's file before
-running it), else `__main__`, else a top-level module of the checkout being imported (a wrapper or notebook that
-imports `sdxl_train_network`). Arming on the import of sd-scripts' own package rather than on argv[0] at start-up is
-what makes all of these starts look alike. Then `lpl_plugin.patches.activation` (torch with it) takes over. When lpl-plugin
-itself is gone (pip uninstall, uv sync) while the `.pth` file stays, the finder says so in one line in sd-scripts
-processes only.
+`lpl-plugin enable` writes a one-line `.pth` file (`pth_line`) into the site-packages lpl-plugin is installed in. Python
+runs that line at every interpreter start: it defines a tiny meta-path finder (`WATCH_SOURCE`, no import) and, unless
+`LPL_PLUGIN=off`, puts it first on `sys.meta_path`. The finder compares each imported name with `library`, the top-level
+package every sd-scripts script imports before anything else, and does nothing else. On the first import of a `library`,
+it leaves `sys.meta_path` and calls `on_library` here (standard library only), which checks that this `library` sits in
+an sd-scripts checkout (`library/train_util.py`) and finds which script of the checkout runs: `sys.argv[0]` resolved (a
+symlink, a relative path, `python -m`, whose argv[0] runpy sets to the module's file before running it), else
+`__main__`, else a top-level module of the checkout being imported (a wrapper or notebook that imports
+`sdxl_train_network`). Arming on the import of sd-scripts' own package rather than on argv[0] at start-up is what makes
+all of these starts look alike. Then `lpl_plugin.patches.activation` (torch with it) takes over. When lpl-plugin itself
+is gone (pip uninstall, uv sync) while the `.pth` file stays, the finder says so in one line in sd-scripts processes
+only.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def running_script(root: str) -> tuple[str | None, list[str] | None]:
 
 
 def on_library(pth: str) -> None:
-    """The first import of a `library` package: hand an sd-scripts process to lpl_plugin.patches.activation, else nothing.
+    """The first import of a `library` package: hand an sd-scripts process to `patches.activation`, else nothing.
 
     Raises SystemExit(2) for a refused run; a failure of ours before the hand-over leaves the run alone.
     """

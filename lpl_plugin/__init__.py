@@ -4,24 +4,25 @@ import importlib as _importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the names below, for type checkers; at run time they are imported on first use (PEP 562)
-    from lpl_plugin.settings.config import ConfigError, LPLConfig, Problem
-    from lpl_plugin.training.diffusion import min_snr_weight, predict_z0, snr
-    from lpl_plugin.settings.errors import UserError
     from lpl_plugin.engine.guard import NonFiniteLPLError
-    from lpl_plugin.patches.gui import launch_command
-    from lpl_plugin.training.hook import LPLHook
     from lpl_plugin.engine.perceptual_loss import LatentPerceptualLoss
-    from lpl_plugin.training.plugins import HostContext, load_plugin_hooks
+    from lpl_plugin.patches.gui import launch_command
+    from lpl_plugin.settings.config import LPLConfig
+    from lpl_plugin.settings.errors import UserError
     from lpl_plugin.settings.preflight import Preflight, check_training_config, check_training_mapping
-    from lpl_plugin.training.registry import ENTRY_POINT_GROUP, HookRegistry, HookResult, LossContext, registry
+    from lpl_plugin.settings.problems import ConfigError, Problem
     from lpl_plugin.settings.schema import add_arguments, json_schema, options, validate
     from lpl_plugin.settings.toml_io import load_config, render_toml
     from lpl_plugin.settings.vae_io import load_vae
+    from lpl_plugin.training.diffusion import min_snr_weight, predict_z0, snr
+    from lpl_plugin.training.hook import LPLHook
+    from lpl_plugin.training.plugins import HostContext, load_plugin_hooks
+    from lpl_plugin.training.registry import ENTRY_POINT_GROUP, HookRegistry, HookResult, LossContext, registry
 
 # Where each public name lives. Importing the package stays light (no torch), so config checks, `lpl-plugin
 # validate` and the launcher's preflight start fast; the engine's names import torch when first used.
 _EXPORTS = {
-    "ConfigError": "settings.config", "LPLConfig": "settings.config", "Problem": "settings.config",
+    "ConfigError": "settings.problems", "LPLConfig": "settings.config", "Problem": "settings.problems",
     "UserError": "settings.errors", "Preflight": "settings.preflight",
     "check_training_config": "settings.preflight", "check_training_mapping": "settings.preflight",
     "add_arguments": "settings.schema", "json_schema": "settings.schema", "options": "settings.schema",

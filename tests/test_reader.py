@@ -13,8 +13,8 @@ import pytest
 from lpl_plugin import ConfigError, LPLConfig, validate
 from lpl_plugin.settings.config import field_names
 from lpl_plugin.settings.errors import FileError, UserError
-from lpl_plugin.settings.files import (MAX_DEPTH, check_output, data_depth, parse_json, parse_toml, read_bytes, read_json,
-                              write_bytes)
+from lpl_plugin.settings.files import (MAX_DEPTH, check_output, data_depth, parse_json, parse_toml, read_bytes,
+                                       read_json, write_bytes)
 from lpl_plugin.settings.messages import escape, show_path, show_value, shown
 
 PACKAGE = Path(__file__).parent.parent

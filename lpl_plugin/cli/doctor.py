@@ -19,8 +19,7 @@ MINIMUMS = {"diffusers": "0.25.0", "accelerate": "0.30.0"}
 def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
     """Lines about a checkout (revision or fingerprint, layout, each script) and whether both scripts are supported."""
     from lpl_plugin.patches.sd_scripts_seams import (KIND_NAMES, KNOWN_FINGERPRINTS, SCRIPTS, SourceReader, detect,
-                                           fingerprint, show)
-
+                                                     fingerprint, show)
     from lpl_plugin.settings.files import is_file
     from lpl_plugin.settings.messages import show_path
 
@@ -50,7 +49,7 @@ def sd_scripts_report(root: Path) -> tuple[list[str], bool]:
 
 def tested_line(root: Path) -> str:
     """Whether the checkout's files are those of a commit CI tests against, naming it, or else the ones it does."""
-    from lpl_plugin.patches.sd_scripts_tested import find_tested_commit, all_tested_labels
+    from lpl_plugin.patches.sd_scripts_tested import all_tested_labels, find_tested_commit
 
     try:
         commit = find_tested_commit(root)
@@ -149,11 +148,10 @@ def bitsandbytes_report() -> str:
 
 def config_report(path: str) -> tuple[list[str], bool]:
     """The effective LPL settings of a trainer TOML, or its problems."""
-    from lpl_plugin.settings.preflight import check_training_config
-    from lpl_plugin.settings.toml_io import render_toml
-
-    from lpl_plugin.settings.config import ConfigError
     from lpl_plugin.settings.messages import show_path
+    from lpl_plugin.settings.preflight import check_training_config
+    from lpl_plugin.settings.problems import ConfigError
+    from lpl_plugin.settings.toml_io import render_toml
 
     checked = check_training_config(path)
     lines = list(checked.warnings)
@@ -176,7 +174,6 @@ def _doctor(args: argparse.Namespace) -> int:
         host, ok = sd_scripts_report(Path(args.sd_scripts))
         lines += host
     from lpl_plugin.cli.enable import report
-
     from lpl_plugin.patches.environment import uv_report
 
     lines += [report(), *uv_report()]

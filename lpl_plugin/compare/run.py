@@ -15,8 +15,8 @@ from lpl_plugin.settings.preflight import _host_values, check_training_config, c
 from lpl_plugin.settings.toml_io import read_toml
 from lpl_plugin.compare.collect import collect
 from lpl_plugin.compare.dataset import hold_out, held_out_dataset, pick, training_images
-from lpl_plugin.compare.plan import (DONE_FILE, PLAN_FILE, Arm, Plan, arm_done, arm_host, check_dir, make_arms, prompt_lines,
-                   prompts_from, sample_interval, write_arm_toml)
+from lpl_plugin.compare.plan import (DONE_FILE, PLAN_FILE, Arm, Plan, arm_done, arm_host, check_dir, make_arms,
+                                     prompt_lines, prompts_from, sample_interval, write_arm_toml)
 from lpl_plugin.compare.report import Prompt, write_report
 from lpl_plugin.compare.runner import ArmFailed, command, last_state, python_executable, run_arm, state_step
 

@@ -11,8 +11,8 @@ from lpl_plugin.settings.values import bounded_int, integer, number
 from lpl_plugin.settings.config import LPLConfig
 from lpl_plugin.settings.errors import UserError, write_lines
 from lpl_plugin.settings.messages import show_path
-from lpl_plugin.demo.settings import (DEMO_LPL, DEVICES, MIXED_PRECISION, OPTIMIZERS, PRESETS, DemoSettings, demo_lpl_text,
-                       read_settings, resolve)
+from lpl_plugin.demo.settings import (DEMO_LPL, DEVICES, MIXED_PRECISION, OPTIMIZERS, PRESETS, DemoSettings,
+                                      demo_lpl_text, read_settings, resolve)
 
 NEEDED = ("matplotlib", "tensorboard", "tqdm")
 DEFAULT_OUT = Path("lpl-demo")

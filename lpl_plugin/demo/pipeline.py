@@ -21,8 +21,8 @@ from lpl_plugin.engine.perceptual_loss import LatentPerceptualLoss
 from lpl_plugin.engine.tiny import SDXL_SCALING_FACTOR, tiny_unet
 from lpl_plugin.settings.messages import show_path
 from lpl_plugin.settings.toml_io import render_toml
-from lpl_plugin.demo.autoencoder import (build_vae, decode, encode, fit_vae, latent_std, load_vae, rescale_latents, save_vae,
-                          solve_output_layer)
+from lpl_plugin.demo.autoencoder import (build_vae, decode, encode, fit_vae, latent_std, load_vae, rescale_latents,
+                                         save_vae, solve_output_layer)
 from lpl_plugin.demo.data import CaptionEncoder, Conditioning, draw, make_scenes
 from lpl_plugin.demo.evaluate import evaluate
 from lpl_plugin.demo.measure import CheckpointMeasure, MeasureInputs, checkpoint_steps, read_scores

@@ -1,7 +1,7 @@
 """LPL in sd-scripts started any usual way: what runs once a process first imports an sd-scripts checkout's `library`.
 
-`lpl_plugin_boot` (the `.pth` start-up hook of `lpl-plugin enable`) calls `start` with the script it found. First,
-and before anything is checked, whether the run asks for LPL (`lpl_plugin.patches.asked`: the TOML as sd-scripts reads it,
+`lpl_plugin_boot` (the `.pth` start-up hook of `lpl-plugin enable`) calls `start` with the script it found. First, and
+before anything is checked, whether the run asks for LPL (`lpl_plugin.patches.asked`: the TOML as sd-scripts reads it,
 the command line over it). Then:
 
 - sdxl_train_network.py / sdxl_train.py: a run that asks gets the plugin's strict check of its TOML (one line per

@@ -1,9 +1,10 @@
 """`lpl-launch SCRIPT ARGS...`: run sd-scripts' SDXL trainer as `__main__` with LPL hooked in, no file changed.
 
-Also `accelerate launch [accelerate options] -m lpl_plugin.launch SCRIPT ARGS...`; the explicit way in where
-`lpl-plugin enable` is not wanted (it works enabled or not). Order: check the TOML named by `--config_file` (exit 2,
-one line per problem, before any model is loaded: whoever starts this launcher asks for the plugin), put the script's folder on sys.path,
-install the sd-scripts adapter (which also adds `--use_lpl`/`--lpl_*` to the script's own parser), run the script.
+Also `accelerate launch [accelerate options] -m lpl_plugin.launch SCRIPT ARGS...`; the explicit way in where `lpl-plugin
+enable` is not wanted (it works enabled or not). Order: check the TOML named by `--config_file` (exit 2, one line per
+problem, before any model is loaded: whoever starts this launcher asks for the plugin), put the script's folder on
+sys.path, install the sd-scripts adapter (which also adds `--use_lpl`/`--lpl_*` to the script's own parser), run the
+script.
 
 DataLoader workers: under the fork start method they inherit the adapter, which only touches main-process code
 (arguments, loss, logs, metadata, state). Under spawn/forkserver (Windows, macOS, Python 3.14 on Linux) a worker

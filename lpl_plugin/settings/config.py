@@ -14,13 +14,12 @@ import difflib
 import math
 import numbers
 import typing
-from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping
 
-from lpl_plugin.settings.values import FALSE_WORDS, TRUE_WORDS, integer
-from lpl_plugin.settings.errors import UserError
-from lpl_plugin.settings.messages import shown, show_value, type_name
+from lpl_plugin.settings.messages import show_value, shown, type_name
+from lpl_plugin.settings.problems import MAX_PROBLEMS, ConfigError, Problem
+from lpl_plugin.settings.values import as_bool, as_number, described
 
 PREFIX = "lpl_"
 ALIASES = {"lpl_enabled": "use_lpl"}
@@ -34,8 +33,6 @@ MAX_SNR_GAMMA = 10000.0
 MAX_START = 10 ** 9
 MAX_CHUNK = 1024
 MAX_BAD_STEPS = 10 ** 6
-# Problems a ConfigError message lists (all stay in its `problems`); a file of a thousand typos prints a screenful.
-MAX_PROBLEMS = 10
 # Keys longer than this get no "did you mean" hint (difflib would compare them in full), nor do problems after the
 # first _MAX_HINTED of one config (only the first MAX_PROBLEMS are shown; a file of 50,000 typos stays quick).
 _MAX_SUGGESTED = 100
@@ -139,32 +136,6 @@ class LPLConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One user mistake: where it is, which key, and what is wrong (one line; user text already escaped)."""
-
-    source: str
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.source}: " if self.source else ""
-        return f"{where}{self.message}"
-
-
-class ConfigError(UserError, ValueError):
-    """Raised with every problem found in a config, one line each (the first MAX_PROBLEMS, then a count)."""
-
-    def __init__(self, problems: Iterable[Problem]):
-        self.problems = list(problems)
-        lines = [str(p) for p in self.problems[:MAX_PROBLEMS]]
-        if len(self.problems) > MAX_PROBLEMS:
-            source = self.problems[MAX_PROBLEMS].source
-            lines.append(f"{source + ': ' if source else ''}... and {len(self.problems) - MAX_PROBLEMS} more "
-                         "problems; fix these first")
-        super().__init__("\n".join(lines))
-
-
 # -- the fields as data ---------------------------------------------------------------------------------------------
 
 def fields() -> tuple[dataclasses.Field, ...]:
@@ -217,48 +188,6 @@ def quoted_key(key: Any) -> str:
 
 # -- checks ---------------------------------------------------------------------------------------------------------
 
-def _got(value: Any) -> str:
-    """'got VALUE (TYPE)' for a message."""
-    return f"got {show_value(value)} ({type_name(value)})"
-
-
-def _as_bool(value: Any) -> bool | None:
-    """A bool option's value as a bool: a bool, or a string of the command line's true/false words; else None."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
-    return None
-
-
-def _from_text(value: str, kind_: str) -> int | float | None:
-    """A number option given as a string (GUIs write every value as one), read as the command line reads it."""
-    try:
-        return integer(value) if kind_ == "int" else float(value)
-    except (ArgumentTypeError, ValueError):
-        return None
-
-
-def _as_number(value: Any, kind_: str) -> int | float | None:
-    """An int or float option's value as a Python number (numpy and torch scalars, and strings that read as one under
-    the command line's rules, included), or None."""
-    if isinstance(value, str):
-        return _from_text(value, kind_)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    if kind_ == "int":
-        if not isinstance(value, numbers.Integral):
-            return None
-        return int(value)
-    try:
-        return float(value)
-    except OverflowError:  # an integer beyond float range
-        return math.inf if value > 0 else -math.inf
-    except (TypeError, ValueError):
-        return None
-
-
 def check_value(name: str, value: Any) -> str | None:
     """The constraint a value of option `name` breaks, phrased for a user, or None when it is valid."""
     kind_, f = kind(name), _FIELDS[name]
@@ -266,17 +195,17 @@ def check_value(name: str, value: Any) -> str | None:
     # `[lpl_x]` and `lpl_x = {..}` parse alike, so a table gets advice that covers both
     table_hint = f"; write `{name} = ...` (not a [{name}] table or an inline table)" if isinstance(value, dict) else ""
     if kind_ == "bool":
-        return None if _as_bool(value) is not None else f"{key} must be true or false, {_got(value)}{table_hint}"
+        return None if as_bool(value) is not None else f"{key} must be true or false, {described(value)}{table_hint}"
     if kind_ == "str":
         valid = choices(name) or ()
         if isinstance(value, str) and value in valid:
             return None
-        got = _got(value) if not isinstance(value, str) else f"got {show_value(value)}"
+        got = described(value) if not isinstance(value, str) else f"got {show_value(value)}"
         return f"{key} must be one of {', '.join(show_value(c) for c in valid)}, {got}{table_hint}"
-    number = _as_number(value, kind_)
+    number = as_number(value, kind_)
     if number is None:
         noun = "an integer" if kind_ == "int" else "a number"
-        return f"{key} must be {noun}, {_got(value)}{table_hint}"
+        return f"{key} must be {noun}, {described(value)}{table_hint}"
     if isinstance(number, float) and math.isnan(number):
         return f"{key} must be a finite number, got {show_value(value)}"
     meta = f.metadata
@@ -300,7 +229,7 @@ def normalized(values: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for name, value in values.items():
         kind_ = kind(name)
-        out[name] = _as_number(value, kind_) if kind_ in ("int", "float") else _as_bool(value) if kind_ == "bool" \
+        out[name] = as_number(value, kind_) if kind_ in ("int", "float") else as_bool(value) if kind_ == "bool" \
             else value
     return out
 
@@ -365,7 +294,7 @@ def collect_lpl_keys(mapping: Mapping[str, Any], *,
     known = field_names() + list(ALIASES)
     if not isinstance(mapping, Mapping):
         return values, tables, [Problem(source, "", f"expected a table of options (a mapping of option names to "
-                                        f"values), {_got(mapping)}")]
+                                        f"values), {described(mapping)}")]
 
     def take(key: str, value: Any, location: str) -> None:
         canonical = ALIASES.get(key, key)

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from lpl_plugin.settings.config import (DEFAULT_NUM_TRAIN_TIMESTEPS, FP16_FIX_VAE, ConfigError, LPLConfig, Problem, config_from_mapping,
-                     is_lpl_key)
+from lpl_plugin.settings.config import (DEFAULT_NUM_TRAIN_TIMESTEPS, FP16_FIX_VAE, LPLConfig, config_from_mapping,
+                                        is_lpl_key)
 from lpl_plugin.settings.errors import FileError
 from lpl_plugin.settings.files import MAX_DEPTH, data_depth, is_dir, path_stat, read_json_object
 from lpl_plugin.settings.messages import show_path, show_value, shown, type_name
+from lpl_plugin.settings.problems import ConfigError, Problem
 from lpl_plugin.settings.toml_io import read_toml
 
 Report = Callable[[str, str], None]  # adds a problem: (key, message)

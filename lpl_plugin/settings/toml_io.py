@@ -7,10 +7,11 @@ import os
 import re
 from typing import Any, Callable
 
-from lpl_plugin.settings.config import (ALIASES, ConfigError, LPLConfig, Problem, config_from_mapping, fields, is_lpl_key)
+from lpl_plugin.settings.config import ALIASES, LPLConfig, config_from_mapping, fields, is_lpl_key
 from lpl_plugin.settings.errors import ArgumentError, ArgumentTypeError, FileError
 from lpl_plugin.settings.files import parse_toml, read_text, tomllib
 from lpl_plugin.settings.messages import show_path, show_value, shown, type_name
+from lpl_plugin.settings.problems import ConfigError, Problem
 
 __all__ = ["check_file", "config_from_toml", "load_config", "read_toml", "render_toml", "toml_value", "tomllib"]
 

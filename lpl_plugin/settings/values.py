@@ -1,12 +1,14 @@
-"""Command-line argument types shared by every command: bounded numbers, booleans, one-line parser errors."""
+"""Values read the command line's way: argument types shared by every command (bounded numbers, booleans,
+one-line parser errors), and the same rules for option values given as strings (GUIs write every value as one)."""
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, NoReturn
+import numbers
+from typing import Any, Callable, NoReturn
 
-from lpl_plugin.settings.messages import one_line, shorten, show_value
+from lpl_plugin.settings.messages import one_line, shorten, show_value, type_name
 
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -63,3 +65,47 @@ def parse_bool(text: str) -> bool:
     if lowered in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {show_value(text)}")
+
+
+# -- option values, as settings read them ------------------------------------------------------------------------
+
+def described(value: Any) -> str:
+    """'got VALUE (TYPE)' for a message."""
+    return f"got {show_value(value)} ({type_name(value)})"
+
+
+def as_bool(value: Any) -> bool | None:
+    """A bool option's value as a bool: a bool, or a string of the command line's true/false words; else None."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+    return None
+
+
+def _from_text(value: str, kind_: str) -> int | float | None:
+    """A number option given as a string (GUIs write every value as one), read as the command line reads it."""
+    try:
+        return integer(value) if kind_ == "int" else float(value)
+    except (argparse.ArgumentTypeError, ValueError):
+        return None
+
+
+def as_number(value: Any, kind_: str) -> int | float | None:
+    """An int or float option's value as a Python number (numpy and torch scalars, and strings that read as one under
+    the command line's rules, included), or None."""
+    if isinstance(value, str):
+        return _from_text(value, kind_)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    if kind_ == "int":
+        if not isinstance(value, numbers.Integral):
+            return None
+        return int(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range
+        return math.inf if value > 0 else -math.inf
+    except (TypeError, ValueError):
+        return None
