@@ -1,11 +1,13 @@
-"""The distribution ships `patches/` and `configs/` inside the package, so they work after a plain install."""
+"""The distribution ships every subpackage (`patches/` and `configs/` included), so all work after a plain install."""
 
 from __future__ import annotations
 
+import configparser
 import importlib
 import json
 import sysconfig
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +30,14 @@ def test_installed_files_include_patches_and_configs():
     assert "lpl_plugin/patches/__init__.py" in names and "lpl_plugin/configs/__init__.py" in names
     assert "lpl_plugin/py.typed" in names
     assert "lpl_plugin_boot.py" in names  # the top-level start-up hook of `lpl-plugin enable`
+
+
+def test_every_subpackage_is_packaged():
+    """Each folder of the package with an `__init__.py` is listed in setup.cfg, so the wheel carries it."""
+    checkout = Path(__file__).resolve().parent.parent
+    config = configparser.ConfigParser()
+    config.read(checkout / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {".".join(init.parent.relative_to(checkout).parts) for init in (checkout / "lpl_plugin").rglob("__init__.py")
+             if "__pycache__" not in init.parts}
+    assert found == listed
