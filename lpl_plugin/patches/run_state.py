@@ -9,7 +9,6 @@ length for a start given in epochs.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
@@ -22,8 +21,6 @@ from lpl_plugin.training.registry import HookRegistry
 from lpl_plugin.patches.host_options import HostOptions
 from lpl_plugin.patches.patcher import Patcher
 from lpl_plugin.patches.sd_scripts_state import load_hook_states, resumed_state, save_state
-
-log = logging.getLogger("lpl_plugin")
 
 
 class RunState:
@@ -108,7 +105,7 @@ class RunState:
         values = {key: [next(read) if isinstance(x, Tensor) else float(x) for x in pair] for key, pair in pairs.items()}
         return {key: value for key, (value, weight) in values.items() if weight > 0}
 
-    def on_step_logs(self, original, args, kwargs, bound):
+    def on_step_logs(self, original: Callable[..., Any], args: tuple, kwargs: dict, bound: dict) -> Any:
         """A host function returning a step's log dict (sd-scripts' generate_step_logs): add the hooks' scalars."""
         logs = original(*args, **kwargs)
         if self.running and isinstance(logs, dict):
@@ -117,7 +114,7 @@ class RunState:
 
     # -- metadata of saved models ----------------------------------------------------------------------------
 
-    def on_model_spec(self, original, args, kwargs, bound):
+    def on_model_spec(self, original: Callable[..., Any], args: tuple, kwargs: dict, bound: dict) -> Any:
         """A host function returning a saved model's metadata (sd-scripts' get_sai_model_spec): add the ss_lpl_* keys
         once LPL ran, unless the host's `no_metadata` is set."""
         metadata = original(*args, **kwargs)

@@ -20,7 +20,7 @@ module wires them to sd-scripts' functions and starts the hooks when the host lo
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -138,19 +138,19 @@ class Session:
 
     # -- arguments, models and hooks -------------------------------------------------------------------------
 
-    def _on_add_arguments(self, original, args, kwargs, bound):
+    def _on_add_arguments(self, original: Callable[..., Any], args: tuple, kwargs: dict, bound: dict) -> Any:
         """add_sdxl_training_arguments: also add --use_lpl / --lpl_* and the third-party hooks' options."""
         result = original(*args, **kwargs)
         self.options.add_to(bound["parser"])
         return result
 
-    def _on_read_config(self, original, args, kwargs, bound):
+    def _on_read_config(self, original: Callable[..., Any], args: tuple, kwargs: dict, bound: dict) -> Any:
         """read_config_from_file: resolve the settings from the merged TOML and command line."""
         parsed = original(*args, **kwargs)
         self.options.configure(parsed)
         return parsed
 
-    def _on_load_model(self, original, args, kwargs, bound):
+    def _on_load_model(self, original: Callable[..., Any], args: tuple, kwargs: dict, bound: dict) -> Any:
         """load_target_model: start the hooks with the VAE just loaded."""
         self.patcher.settle()  # a wrapper imported train_network before sd-scripts' library: wrap it now
         result = original(*args, **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ class LossInjection:
         self._started = False
         self._step: _Step | None = None
 
-    def on_noise(self, original, args, kwargs, bound):
+    def on_noise(self, original: Callable[..., Any], args: tuple, kwargs: dict, bound: dict) -> Any:
         """get_noise_noisy_latents_and_timesteps: remember what this step's UNet input is made of."""
         result = original(*args, **kwargs)
         if self.run.running:
@@ -61,7 +61,7 @@ class LossInjection:
             self._step = _Step(bound["args"], bound["noise_scheduler"], bound["latents"], result[1], result[2])
         return result
 
-    def on_loss(self, original, args, kwargs, bound):
+    def on_loss(self, original: Callable[..., Any], args: tuple, kwargs: dict, bound: dict) -> Any:
         """conditional_loss: add the hooks' per-sample terms in training steps, in the host's shape."""
         loss = original(*args, **kwargs)
         if not self.run.running:
