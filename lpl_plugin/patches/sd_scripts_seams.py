@@ -153,6 +153,11 @@ class ModuleReader:
         return str(Path(origin).resolve().parent.parent)
 
 
+def unsupported_here(problem: str) -> UnsupportedHost:
+    """The refusal for one problem of the sd-scripts whose `library` package is imported (ModuleReader's root)."""
+    return UnsupportedHost(ModuleReader().root, [problem])
+
+
 class SourceReader:
     """Signatures read from a checkout's source files with `ast`; nothing is imported or run."""
 
