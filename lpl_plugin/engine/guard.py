@@ -76,7 +76,8 @@ class NonFiniteGuard:
 
     An evaluation is bad when any sample's LPL value or gradient was not finite; a clean evaluation resets the
     streak; steps where LPL did not run leave it as it is (with a low threshold and a small batch most steps gate
-    no sample). `max_bad_steps = 0` never stops.
+    no sample). `max_bad_steps = 0` never stops. An evaluation whose gradients are zeroed only in the host's
+    backward is bad too: `settle` counts them once that backward has run, before the streak is next read.
     """
 
     def __init__(self, max_bad_steps: int, decoder_dtype: torch.dtype, device: torch.device):
