@@ -32,6 +32,6 @@ def evaluate(unet: nn.Module, latents: torch.Tensor, conditioning: Conditioning,
     pred = unet(noisy.to(device), timesteps.to(device), text, added_cond_kwargs=added).sample.float().cpu()
     unet.train(was_training)
     z0_hat = predict_z0(pred, noisy, "epsilon", timesteps=timesteps, alphas_cumprod=alphas_cumprod)
-    distance = engine(z0_hat.to(engine.trunk.device), latents.to(engine.trunk.device)).per_sample
+    distance = engine(z0_hat.to(engine.device), latents.to(engine.device)).per_sample
     return {"diffusion_loss": float(F.mse_loss(pred, noise)), "lpl_distance": float(distance.mean()),
             "z0_mse": float(F.mse_loss(z0_hat, latents)), "timesteps_below": t_threshold}

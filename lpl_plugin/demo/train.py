@@ -262,7 +262,7 @@ def train_run(name: str, lpl: LPLConfig, settings: DemoSettings, data: RunData, 
         measure.open(start)
     hparams = {**settings.to_dict(), **lpl.lpl_items(), "run": name}
     accelerator.init_trackers(name, config=hparams)
-    layer_names = hook.loss.trunk.stage_names
+    layer_names = hook.loss.layer_names
     alphas = scheduler.alphas_cumprod.to(device)
 
     def checkpoint_state(step: int) -> dict[str, Any]:

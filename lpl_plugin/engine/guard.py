@@ -1,9 +1,10 @@
 """Non-finite guard: bad LPL samples add exactly zero gradient, are counted on the device, and a streak stops the run.
 
-The engine already zeroes a sample's LPL value and stored gradient when either is not finite (lean mode) and counts
-those samples on the device. This module adds what a training run needs around that: a gradient filter for the
-autograd path, device-side counters of bad evaluations, and a stop with the likely cause after too many in a row.
-Nothing here reads a device value on its own; the hook hands `check` the streak from its one existing host sync.
+The one finite mask (`zero_nonfinite_samples`) zeroes a sample's LPL value and gradient when either is not finite,
+in the engine's forward and, through the gradient filter, in the host's backward; both are counted on the device.
+Around that a training run gets device-side counters of bad evaluations and a stop with the likely cause after too
+many in a row. Nothing here reads a device value on its own; the hook hands `check` the streak from its one existing
+host sync.
 """
 
 from __future__ import annotations
@@ -19,32 +20,41 @@ class NonFiniteLPLError(UserError):
     """LPL was not finite for `lpl_max_bad_steps` evaluations in a row; the message names the cause and the fix."""
 
 
+def zero_nonfinite_samples(*tensors: Tensor) -> tuple[list[Tensor], Tensor]:
+    """The tensors with every sample (dim 0) zeroed where any of them holds an inf or NaN, and the (B,) finite mask."""
+    finite = torch.isfinite(tensors[0]).flatten(1).all(dim=1)
+    for tensor in tensors[1:]:
+        finite = finite & torch.isfinite(tensor).flatten(1).all(dim=1)
+    kept = [torch.where(finite.reshape(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t)) for t in tensors]
+    return kept, finite
+
+
 class FiniteGradient(torch.autograd.Function):
     """Identity in forward; in backward zeroes the whole gradient of every sample that holds any inf or NaN.
 
-    The number of samples zeroed is added, on the device, to a counter tensor the caller owns.
+    The number of samples zeroed is added, on the device, to each counter tensor the caller passes.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, counter: Tensor | None) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, *counters: Tensor) -> Tensor:  # type: ignore[override]
         """Pass the input through unchanged."""
-        ctx.counter = counter
+        ctx.counters = counters
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         """grad[b] if every element of it is finite, else zeros (counted)."""
-        finite = torch.isfinite(grad).flatten(1).all(dim=1)
-        if ctx.counter is not None:
-            ctx.counter.add_((~finite).sum().to(ctx.counter.dtype))
-        finite = finite.reshape(-1, *([1] * (grad.dim() - 1)))
-        return torch.where(finite, grad, torch.zeros_like(grad)), None
+        (grad,), finite = zero_nonfinite_samples(grad)
+        zeroed = (~finite).sum()
+        for counter in ctx.counters:
+            counter.add_(zeroed.to(counter.dtype))
+        return (grad, *([None] * len(ctx.counters)))
 
 
-def finite_gradient(x: Tensor, counter: Tensor | None = None) -> Tensor:
-    """`x` whose gradient is zeroed per sample wherever it is not finite, counted into `counter` (no-op without
-    autograd)."""
-    return FiniteGradient.apply(x, counter) if x.requires_grad else x
+def finite_gradient(x: Tensor, *counters: Tensor) -> Tensor:
+    """`x` whose gradient is zeroed per sample wherever it is not finite, counted into each of `counters` (no-op
+    without autograd)."""
+    return FiniteGradient.apply(x, *counters) if x.requires_grad else x
 
 
 def stop_message(streak: int, limit: int, decoder_dtype: torch.dtype) -> str:
@@ -66,7 +76,8 @@ class NonFiniteGuard:
 
     An evaluation is bad when any sample's LPL value or gradient was not finite; a clean evaluation resets the
     streak; steps where LPL did not run leave it as it is (with a low threshold and a small batch most steps gate
-    no sample). `max_bad_steps = 0` never stops.
+    no sample). `max_bad_steps = 0` never stops. An evaluation whose gradients are zeroed only in the host's
+    backward is bad too: `settle` counts them once that backward has run, before the streak is next read.
     """
 
     def __init__(self, max_bad_steps: int, decoder_dtype: torch.dtype, device: torch.device):
@@ -74,6 +85,8 @@ class NonFiniteGuard:
         self.decoder_dtype = decoder_dtype
         self.streak = torch.zeros((), dtype=torch.int64, device=device)
         self.bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+        # the counters before the last evaluation, its bad samples and its backward's counter, for `settle`
+        self._last: tuple[Tensor, Tensor, Tensor, Tensor | None] | None = None
 
     def state_dict(self) -> dict[str, int]:
         """The counters as plain numbers (read from the device: call at save time only)."""
@@ -82,14 +95,33 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Restore what state_dict wrote; missing keys keep their current values."""
         device = self.streak.device
+        self._last = None
         if "streak" in state:
             self.streak = torch.tensor(int(state["streak"]), dtype=torch.int64, device=device)
         if "bad_steps" in state:
             self.bad_steps = torch.tensor(int(state["bad_steps"]), dtype=torch.int64, device=device)
 
-    def record(self, bad_samples: Tensor | int) -> None:
-        """Account one LPL evaluation given how many of its samples were not finite (device tensor, no sync)."""
-        bad = torch.as_tensor(bad_samples, device=self.streak.device) > 0
+    def record(self, bad_samples: Tensor | int, zeroed_later: Tensor | None = None) -> None:
+        """Account one LPL evaluation given how many of its samples were not finite (device tensor, no sync).
+
+        `zeroed_later` is a device counter of the evaluation's gradients that the host's backward zeroes: `settle`
+        adds them to this evaluation once that backward has run.
+        """
+        bad = torch.as_tensor(bad_samples, device=self.streak.device)
+        self._last = (self.streak, self.bad_steps, bad, zeroed_later)
+        self._count(bad)
+
+    def settle(self) -> None:
+        """Count the last evaluation again with the gradients its backward has zeroed since (device ops, no sync)."""
+        if self._last is None or self._last[3] is None:
+            return
+        streak, bad_steps, bad, zeroed_later = self._last
+        self.streak, self.bad_steps = streak, bad_steps
+        self._count(bad + zeroed_later.to(bad.device))
+
+    def _count(self, bad_samples: Tensor) -> None:
+        """Extend the streak after an evaluation with bad samples, reset it after a clean one."""
+        bad = bad_samples > 0
         self.streak = torch.where(bad, self.streak + 1, torch.zeros_like(self.streak))
         self.bad_steps = self.bad_steps + bad.to(self.bad_steps.dtype)
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lpl_plugin.engine.chunks import ChunkRunner
 from lpl_plugin.engine.distances import LayerRule, layer_gradient, prepare_target
 from lpl_plugin.engine.trunk import DecoderTrunk, release_output
 from lpl_plugin.engine.norms import channel_std, moment_sums
@@ -64,22 +65,18 @@ def lean_chunk(d: Decoding, pred: Tensor, target: Tensor, scales: list[Tensor] |
     trunk = d.trunk
     x = widen(pred.detach()).requires_grad_(True)
     rows, roots, grads = [], [], []
+    with torch.enable_grad():
+        unscaled = d.unscale(x)
+    targets = trunk.walk(d.unscale(target), graph=False)
+    preds = trunk.walk(unscaled, checkpointing, graph=True)
     with trunk.no_autocast():
-        with torch.no_grad():
-            t = trunk.stem(d.unscale(target))
-        with torch.enable_grad():
-            h = trunk.stem(d.unscale(x))
-        for index, rule in enumerate(d.rules):
-            with torch.no_grad():
-                t = trunk.stage(index, t)
-            with torch.enable_grad():
-                h = trunk.stage(index, h, checkpointing)
+        for index, (rule, t, h) in enumerate(zip(d.rules, targets, preds)):
             row, grad = layer_gradient(rule, h, t, _scale(scales, index), factor)
             rows.append(row)
             roots.append(h)
             grads.append(grad)
         release_output(h)  # the last map has served its layer; earlier ones are the next stages' kept inputs
-        del t, h
+        del t, h, targets, preds, unscaled
         torch.autograd.backward(roots, grads)
     del roots, grads
     assert x.grad is not None
@@ -91,12 +88,11 @@ def layer_gradients(d: Decoding, pred: Tensor, target: Tensor, factor: Tensor | 
 
     The whole batch goes through the decoder at once, as the reference computes it (compatibility mode).
     """
-    trunk = d.trunk
     rows, grads = [], []
-    with trunk.no_autocast(), torch.no_grad():
-        t, h = trunk.stem(d.unscale(target)), trunk.stem(d.unscale(widen(pred.detach())))
-        for index, rule in enumerate(d.rules):
-            t, h = trunk.stage(index, t), trunk.stage(index, h)
+    with d.trunk.no_autocast(), torch.no_grad():
+        targets = d.trunk.walk(d.unscale(target))
+        preds = d.trunk.walk(d.unscale(widen(pred.detach())))
+        for rule, t, h in zip(d.rules, targets, preds):
             row, grad = layer_gradient(rule, h, t, None, factor)
             rows.append(row)
             grads.append(grad)
@@ -105,30 +101,25 @@ def layer_gradients(d: Decoding, pred: Tensor, target: Tensor, factor: Tensor | 
 
 def backpropagate(d: Decoding, pred: Tensor, grads: list[Tensor], checkpointing: str) -> Tensor:
     """d/d pred of sum_l <grads[l], feature_l(pred)>: the decoder run again with a graph, then backward through it."""
-    trunk = d.trunk
     x = widen(pred.detach()).requires_grad_(True)
-    roots = []
-    with trunk.no_autocast(), torch.enable_grad():
-        h = trunk.stem(d.unscale(x))
-        for index in range(len(d.rules)):
-            h = trunk.stage(index, h, checkpointing)
-            roots.append(h)
-        del h
+    with d.trunk.no_autocast(), torch.enable_grad():
+        roots = list(d.trunk.walk(d.unscale(x), checkpointing))
         torch.autograd.backward(roots, grads)
     assert x.grad is not None
     return x.grad
 
 
-def target_batch_scales(d: Decoding, target: Tensor, chunk: int) -> list[Tensor]:
+def target_batch_scales(d: Decoding, target: Tensor, chunks: ChunkRunner) -> list[Tensor]:
     """Per-channel std of each prepared target map over the whole batch, the decoder run chunk by chunk."""
-    totals: list[tuple[Tensor, ...] | None] = [None] * len(d.rules)
-    dtype = widen(target).dtype
+    totals: list[tuple[Tensor, ...]] | None = None
+    for _, sums in chunks(target.shape[0], lambda part: _target_moments(d, target[part])):
+        totals = sums if totals is None else [tuple(a + b for a, b in zip(*pair)) for pair in zip(totals, sums)]
+    assert totals is not None, "a batch has at least one chunk"
+    return [channel_std(total, widen(target).dtype) for total in totals]
+
+
+def _target_moments(d: Decoding, target: Tensor) -> list[tuple[Tensor, ...]]:
+    """Per-channel moment sums of each prepared target map of some target latents (no graph)."""
     with d.trunk.no_autocast(), torch.no_grad():
-        for start in range(0, target.shape[0], chunk):
-            features = d.trunk(d.unscale(target[start:start + chunk]))
-            for index, (rule, feature) in enumerate(zip(d.rules, features)):
-                sums = moment_sums(*prepare_target(rule, feature))
-                before = totals[index]
-                totals[index] = sums if before is None else tuple(a + b for a, b in zip(before, sums))
-            del features
-    return [channel_std(total, dtype) for total in totals]  # type: ignore[arg-type]
+        return [moment_sums(*prepare_target(rule, feature))
+                for rule, feature in zip(d.rules, d.trunk.walk(d.unscale(target)))]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Sequence
+from contextlib import nullcontext
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -159,15 +160,22 @@ class DecoderTrunk(nn.Module):
         """The output of stage `index` (0 = mid block) given the previous stage's output."""
         return self._run(self._stages()[index], x, checkpointing)
 
+    def walk(self, z: Tensor, checkpointing: str = "none", graph: bool | None = None) -> Iterator[Tensor]:
+        """The one decoder walk: each stage's feature map of already unscaled latents z in turn, mid block first.
+
+        A map is computed when the caller asks for the next one, in the decoder's own precision, and with autograd
+        on (`graph` True) or off (False) whatever the caller's mode (None: the caller's); no mode is held between
+        maps, so two walks can go side by side, one with a graph and one without.
+        """
+        x = z
+        for index in range(self.num_layers):
+            with self.no_autocast(), nullcontext() if graph is None else torch.set_grad_enabled(graph):
+                x = self.stage(index, self.stem(x) if index == 0 else x, checkpointing)
+            yield x
+
     def forward(self, z: Tensor, checkpointing: str = "none") -> list[Tensor]:
         """Feature maps (mid block output, then each up block's) of already unscaled latents z."""
-        features = []
-        with self.no_autocast():
-            x = self.stem(z)
-            for index in range(self.num_layers):
-                x = self.stage(index, x, checkpointing)
-                features.append(x)
-        return features
+        return list(self.walk(z, checkpointing))
 
 
 def feature_shapes(trunk: DecoderTrunk, latent_shape: Sequence[int]) -> list[tuple[int, int, int, int]]:

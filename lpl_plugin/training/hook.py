@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from lpl_plugin.engine.checks import check_config, check_vae
 from lpl_plugin.settings.config import LPLConfig
 from lpl_plugin.training.diffusion import min_snr_weight, predict_z0, snr
-from lpl_plugin.engine.guard import NonFiniteGuard, finite_gradient
+from lpl_plugin.engine.guard import NonFiniteGuard
 from lpl_plugin.engine.perceptual_loss import LatentPerceptualLoss
 from lpl_plugin.engine.precision import SCALE_FLOOR
 from lpl_plugin.training.ranks import drop_if_any, max_over_ranks
@@ -35,12 +35,14 @@ class LPLHook:
         self.config = check_config(config, "LPLHook")
         self.loss = LatentPerceptualLoss(vae, config, scaling_factor, shift_factor, device=device)
         self.compat = config.lpl_compat == "diffusers"
-        self.guard = NonFiniteGuard(config.lpl_max_bad_steps, self.loss.trunk.dtype, self.loss.trunk.device)
+        self.guard = NonFiniteGuard(config.lpl_max_bad_steps, self.loss.decoder_dtype, self.loss.device)
+        self._floor_hits: Tensor | None = None  # the float16 loss scale's floor hits as the last call left them
         self._warned_floor = False
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's learned state and the guard's counters (plain numbers, JSON-safe; read at save time only)."""
-        return {"engine": self.loss.state.state_dict(), "guard": self.guard.state_dict()}
+        self.guard.settle()  # saved after the step's backward: its zeroed gradients count in its streak entry
+        return {"engine": self.loss.run_state(), "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict wrote, keeping this run's settings; warns when the saved settings differ.
@@ -52,7 +54,7 @@ class LPLHook:
             state = {"engine": {"counters": {k: state[k] for k in ("nonfinite_samples", "oom_skips") if k in state}}}
         else:
             self.guard.load_state_dict(state.get("guard", {}))
-        changed = self.loss.state.load_state_dict(state["engine"])
+        changed = self.loss.load_run_state(state["engine"])
         if changed:
             log.warning("lpl-plugin: the resumed LPL state was saved with other settings (%s); this run keeps its "
                         "own settings and relearns what depends on them", "; ".join(changed))
@@ -67,9 +69,9 @@ class LPLHook:
         """Every scalar this hook may log in a step, in a fixed order (the same on every process)."""
         names = ["lpl/loss", "lpl/weighted", "lpl/applied_fraction"]
         if log_stats:
-            names += [f"lpl/layer/{name}" for name in self.loss.trunk.stage_names]
+            names += [f"lpl/layer/{name}" for name in self.loss.layer_names]
             names += ["lpl/nonfinite_samples", "lpl/nonfinite_steps", "lpl/oom_skips"]
-            if self.loss.state.loss_scale.active:
+            if self.loss.uses_loss_scale:
                 names.append("lpl/loss_scale")
         return names
 
@@ -80,12 +82,15 @@ class LPLHook:
 
         A sample applies when t < lpl_t_threshold and z0 is recoverable from the prediction: epsilon at a
         zero-terminal-SNR timestep (alphas_cumprod[t] == 0) has no signal left to recover, so it gets no LPL.
-        The streak counts earlier evaluations, so a run stops at the call after its last allowed bad one.
+        The streak counts earlier evaluations, the last one with the gradients its backward zeroed (that backward
+        has run by now), so a run stops at the call after its last allowed bad one.
         """
         gate = (timesteps < self.config.lpl_t_threshold).flatten()
         if prediction_type == "epsilon" and alphas_cumprod is not None:
             gate = gate & (device_table(alphas_cumprod, timesteps.device)[timesteps.long()].flatten() > 0)
-        streak, floor_hits = self.agreed_streak(), self.loss.state.loss_scale.floor_hits
+        self.guard.settle()
+        streak = self.agreed_streak()
+        floor_hits = streak.new_zeros(()) if self._floor_hits is None else self._floor_hits
         gated = gate.to(device=streak.device, dtype=torch.int64).sum()
         count, streak_now, floor_now = torch.stack([gated, streak.reshape(()),
                                                     floor_hits.to(streak.device).reshape(())]).tolist()
@@ -136,11 +141,12 @@ class LPLHook:
         pick = (lambda t: None if t is None else t[index]) if gated < batch else (lambda t: t)
         z0_hat = predict_z0(model_pred[index], noisy_latents[index], prediction_type, timesteps=timesteps[index],
                             alphas_cumprod=alphas_cumprod, sigmas=pick(sigmas))
-        result = self.loss(finite_gradient(z0_hat, self.loss.state.zeroed), latents[index], with_layers=log_stats)
+        result = self.loss(z0_hat, latents[index], with_layers=log_stats)
+        self._floor_hits = result.scale_floor_hits
         per_sample = result.per_sample
         skipped_here = result.skipped
         if not skipped_here:  # an out-of-memory skip neither breaks nor extends a streak
-            self.guard.record(result.nonfinite)
+            self.guard.record(result.nonfinite_in_call, result.nonfinite_in_backward)
         weights = self.noise_level_weights(timesteps[index], prediction_type, alphas_cumprod, pick(sigmas),
                                            pick(noise_weights), snr_gamma)
         value = per_sample if weights is None else per_sample * weights.to(per_sample.device)
@@ -150,12 +156,11 @@ class LPLHook:
         logs["lpl/loss"] = per_sample.detach().mean()
         logs["lpl/weighted"] = term.detach().mean()
         if log_stats and result.layers is not None:
-            for name, column in zip(self.loss.trunk.stage_names, result.layers.mean(dim=0)):
+            for name, column in zip(self.loss.layer_names, result.layers.mean(dim=0)):
                 logs[f"lpl/layer/{name}"] = column
-            state = self.loss.state
-            logs["lpl/nonfinite_samples"] = state.nonfinite_samples
+            logs["lpl/nonfinite_samples"] = result.nonfinite_total
             logs["lpl/nonfinite_steps"] = self.guard.bad_steps
-            logs["lpl/oom_skips"] = float(state.oom_skips)
-            if state.loss_scale.active:
-                logs["lpl/loss_scale"] = state.loss_scale.value
+            logs["lpl/oom_skips"] = float(result.oom_skips)
+            if result.loss_scale is not None:
+                logs["lpl/loss_scale"] = result.loss_scale
         return HookResult(term, logs)
