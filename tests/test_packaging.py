@@ -38,6 +38,6 @@ def test_every_subpackage_is_packaged():
     config = configparser.ConfigParser()
     config.read(checkout / "setup.cfg")
     listed = set(config["options"]["packages"].split())
-    found = {".".join(init.parent.relative_to(checkout).parts) for init in (checkout / "lpl_plugin").rglob("__init__.py")
-             if "__pycache__" not in init.parts}
+    inits = (checkout / "lpl_plugin").rglob("__init__.py")
+    found = {".".join(init.parent.relative_to(checkout).parts) for init in inits if "__pycache__" not in init.parts}
     assert found == listed

@@ -64,7 +64,8 @@ def test_near_ties_are_rare(request, golden_vae, folder, case):
     assert counts.fraction < (MAX_NEAR_TIE_SHARE_BUILT_NEAR if built_near else MAX_NEAR_TIE_SHARE)
 
 
-@pytest.mark.parametrize("folder,case", L1_CASES[::7], ids=lambda value: value["key"] if isinstance(value, dict) else value)
+@pytest.mark.parametrize("folder,case", L1_CASES[::7],
+                         ids=lambda value: value["key"] if isinstance(value, dict) else value)
 def test_loss_magnitude_uses_the_loss_own_coefficients(request, golden_vae, folder, case):
     """The L1 loss scale (|x| + |y| in place of |x - y|) is taken with the loss's own coefficients: with |x - y| they
     give the reference's per-layer losses, and the scale is never below the loss."""

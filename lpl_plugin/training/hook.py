@@ -59,7 +59,7 @@ class LPLHook:
             log.warning("lpl-plugin: the resumed LPL state was saved with other settings (%s); this run keeps its "
                         "own settings and relearns what depends on them", "; ".join(changed))
 
-    # -- agreement across processes (lpl_plugin.training.ranks; no-ops with one process) ---------------------------------
+    # -- agreement across processes (training.ranks; no-ops with one process) -----------------------------------------
 
     def agreed_streak(self) -> Tensor:
         """The guard's streak of bad evaluations, the largest over processes, so that all of them stop together."""
