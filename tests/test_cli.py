@@ -79,3 +79,11 @@ def test_readme_documents_every_option():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert all(f"`{o['name']}`" in readme for o in options())
+
+
+def test_version_is_the_installed_distribution_version():
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"lpl-plugin {version('lpl-plugin')}"

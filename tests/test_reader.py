@@ -149,7 +149,8 @@ def test_user_errors_print_safe_lines():
 
 
 def test_adapter_state_files_go_through_the_reader(tmp_path):
-    from lpl_plugin.patches.sd_scripts_state import STATE_FILE, resumed_state
+    from lpl_plugin.patches.saved_state import STATE_FILE
+    from lpl_plugin.patches.sd_scripts_state import resumed_state
 
     os.mkfifo(tmp_path / STATE_FILE)
     with pytest.raises(UserError) as info:

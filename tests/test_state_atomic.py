@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from lpl_plugin.patches.sd_scripts_state import STATE_FILE, resumed_state, save_state
+from lpl_plugin.patches.saved_state import STATE_FILE, save_state
+from lpl_plugin.patches.sd_scripts_state import resumed_state
 from lpl_plugin.training.registry import HookRegistry
 
 WRITER = r'''
 import sys
 
-from lpl_plugin.patches.sd_scripts_state import save_state
+from lpl_plugin.patches.saved_state import save_state
 from lpl_plugin.training.registry import HookRegistry
 
 
@@ -109,3 +110,27 @@ def test_a_writer_killed_mid_save_leaves_the_previous_state_to_resume_from(tmp_p
     assert leftovers and all(name.startswith(f".{STATE_FILE}.") for name in leftovers), leftovers
     write_complete(tmp_path, 6)  # and the next save replaces it whole
     assert resumed_state(tmp_path) == (6, {"counters": {"calls": 6}})
+
+
+def test_the_saved_state_is_host_neutral_and_the_host_adds_its_own_step_record(tmp_path):
+    """Another host adapter reuses the plugin's state file and supplies its own fallback count."""
+    from lpl_plugin.patches import saved_state
+    from lpl_plugin.settings.errors import UserError
+
+    def host_steps(folder: Path):
+        path = folder / "host.json"
+        return ("host.json", saved_state.read_step_count(path, "step")) if path.exists() else None
+
+    assert saved_state.resumed_state(tmp_path, host_steps) == (0, {})
+    assert saved_state.resumed_state(tmp_path) == (0, {})
+    (tmp_path / "host.json").write_text('{"step": 9}', encoding="utf-8")
+    assert saved_state.resumed_state(tmp_path, host_steps) == (9, {})
+    assert saved_state.resumed_state(tmp_path) == (0, {})  # no host record asked for
+    save_state(tmp_path, 4, None, HookRegistry())
+    assert saved_state.resumed_state(tmp_path, host_steps) == (4, {})  # the plugin's own file comes first
+    (tmp_path / STATE_FILE).unlink()
+    (tmp_path / "host.json").write_text('{"stpe": 9}', encoding="utf-8")
+    with pytest.raises(UserError) as info:
+        saved_state.resumed_state(tmp_path, host_steps)
+    (line,) = info.value.lines()
+    assert "host.json is unreadable (KeyError" in line and line.endswith("count optimizer steps from 0 for lpl_start")

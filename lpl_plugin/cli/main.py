@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from lpl_plugin import __version__
 from lpl_plugin.settings.values import Parser
 from lpl_plugin.settings.errors import UserError, write_lines
 
@@ -21,6 +22,7 @@ COMMAND_MODULES = ("lpl_plugin.cli.config", "lpl_plugin.demo.cli", "lpl_plugin.c
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
     parser = Parser(prog="lpl-plugin", description="Latent Perceptual Loss for SDXL trainers.")
+    parser.add_argument("--version", action="version", version=f"lpl-plugin {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(subparsers)

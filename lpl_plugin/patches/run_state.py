@@ -2,9 +2,9 @@
 logs (combined over processes), the plugin's saved state and the `ss_lpl_*` metadata of saved models.
 
 Host-neutral where it can be: the accelerator's save/load-state pre-hooks carry the step count and the hooks'
-counters (lpl_plugin.patches.sd_scripts_state); the hooks' scalars leave the device in one read when the host logs,
-through its `accelerator.log` or a function returning its step logs; `accelerator.prepare` notes the train loader's
-length for a start given in epochs.
+counters (lpl_plugin.patches.saved_state; the host adapter says what its own state files record); the hooks'
+scalars leave the device in one read when the host logs, through its `accelerator.log` or a function returning its
+step logs; `accelerator.prepare` notes the train loader's length for a start given in epochs.
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ from lpl_plugin.training.registry import HookRegistry
 
 from lpl_plugin.patches.host_options import HostOptions
 from lpl_plugin.patches.patcher import Patcher
-from lpl_plugin.patches.sd_scripts_state import load_hook_states, resumed_state, save_state
+from lpl_plugin.patches.saved_state import HostSteps, load_hook_states, resumed_state, save_state
 
 
 class RunState:
     """One run's hooks, optimizer-step count and pending logs, and the accelerator wrappers that save and log them."""
 
-    def __init__(self, options: HostOptions, registry: HookRegistry | None = None):
+    def __init__(self, options: HostOptions, registry: HookRegistry | None = None, host_steps: HostSteps | None = None):
         self.options = options
         self.registry = registry if registry is not None else HookRegistry()
+        self.host_steps = host_steps  # the steps the host's own files record in a state saved without the plugin
         self.accelerator: Any = None
         self.steps = 0
         self.logs: dict[str, Tensor | float | Reduced] = {}
@@ -78,7 +79,7 @@ class RunState:
         """accelerate load-state pre-hook: restore the optimizer steps taken and the hooks' counters (optional)."""
         assert self._patcher is not None
         with self._patcher.reporting():
-            self.steps, states = resumed_state(input_dir)
+            self.steps, states = resumed_state(input_dir, self.host_steps)
             load_hook_states(self.registry, states)
 
     # -- logs and ranks --------------------------------------------------------------------------------------

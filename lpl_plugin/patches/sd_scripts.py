@@ -37,7 +37,8 @@ from lpl_plugin.patches.run_state import RunState
 from lpl_plugin.patches.sd_scripts_loss import LossInjection
 from lpl_plugin.patches.sd_scripts_seams import (KIND_NAMES, Layout, ModuleReader, UnsupportedHost, detect, script_kind,
                                                  unsupported_here)
-from lpl_plugin.patches.sd_scripts_state import STATE_FILE
+from lpl_plugin.patches.saved_state import STATE_FILE
+from lpl_plugin.patches.sd_scripts_state import train_state_steps
 
 log = logging.getLogger("lpl_plugin")
 
@@ -53,7 +54,7 @@ class Session:
     def __init__(self, layout: Layout, kind: str, registry: HookRegistry | None = None):
         self.layout, self.kind = layout, kind
         self.options = HostOptions(self.host, SETTINGS_SOURCE, NUM_TRAIN_TIMESTEPS)
-        self.run = RunState(self.options, registry)
+        self.run = RunState(self.options, registry, train_state_steps)
         self.loss = LossInjection(self.run, layout)
         self.patcher = Patcher(self.targets())
         self.seam_check = LossSeamCheck(self.patcher, f"{layout.loss_module}.conditional_loss",

@@ -15,9 +15,9 @@ import importlib.util
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NoReturn, Protocol
+from typing import Callable, Iterable, Protocol
 
-from lpl_plugin.settings.errors import UserError, write_lines
+from lpl_plugin.settings.errors import UserError
 from lpl_plugin.settings.files import is_file, read_text
 from lpl_plugin.settings.messages import show_path
 
@@ -108,12 +108,6 @@ class UnsupportedHost(UserError):
         lines = [f"lpl-plugin cannot hook into the sd-scripts at {where}: {p}; LPL would not run, so the run is "
                  f"refused (see `lpl-plugin doctor --sd-scripts {where}`)" for p in problems]
         super().__init__("\n".join(lines))
-
-
-def refuse(error: UserError) -> NoReturn:
-    """End the process with status 2 after printing a user error one line per problem on stderr (no traceback)."""
-    write_lines(error.lines())
-    raise SystemExit(2)
 
 
 class SignatureReader(Protocol):
