@@ -72,7 +72,8 @@ def test_compare_trains_both_arms_and_writes_the_report(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert compare(config, out) == 0
     printed = capsys.readouterr().out
-    assert "off: step 4/4" in printed and "on: step 4/4" in printed and "verdict:" in printed
+    assert "off: training (4 steps, use_lpl = false" in printed and "off: step 4/4" in printed
+    assert "on: step 4/4" in printed and "verdict:" in printed
     report = json.loads((out / "report.json").read_text())
     assert finite_numbers(report) and [a["name"] for a in report["arms"]] == ["off", "on"]
     assert report["checkpoints"] == [0, 2, 4] and report["measured_on"].startswith("4 training images")
@@ -120,7 +121,7 @@ def test_interrupted_arm_resumes_from_its_state_and_other_settings_are_refused(t
     monkeypatch.delenv("LPL_STANDIN_INTERRUPT_AT")
     assert compare(config, out, "--holdout", "2") == 0
     printed = capsys.readouterr().out
-    assert "off: resumed from its saved state compare-step00000002-state" in printed
+    assert "off: resuming from its saved state compare-step00000002-state" in printed
     report = json.loads((out / "report.json").read_text())
     # the stand-in, like sd-scripts without skip_until_initial_step, counts from 1 again: the hook adds the state's step
     assert [p[0] for p in report["curves"]["series"]["off"]["loss/current"]] == [1, 2, 3, 4]

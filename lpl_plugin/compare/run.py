@@ -117,20 +117,21 @@ def train_arm(out: Path, plan: Plan, arm: Arm, prompts_file: Path) -> str:
         return f"{status}; reused by a later run of the same compare"
     state = last_state(folder / "out")
     if state is not None:
-        status = f"resumed from its saved state {state.name}"
+        status, doing = f"resumed from its saved state {state.name}", f"resuming from its saved state {state.name}"
     elif (folder / "measure").exists() or (folder / "out").exists():
         status = "restarted from scratch (interrupted before any saved state)"
+        doing = "restarting from scratch (interrupted before any saved state)"
         shutil.rmtree(folder / "measure", ignore_errors=True)
         shutil.rmtree(folder / "out", ignore_errors=True)
         shutil.rmtree(folder / "logs", ignore_errors=True)
     else:
-        status = "trained"
+        status, doing = "trained", "training"
     # on resume, sd-scripts continues its step count from the state only with skip_until_initial_step
     config = write_arm_toml(plan, arm, folder, prompts_file, {"skip_until_initial_step": True} if state else {})
     plan_file = folder / "measure_plan.json"
     plan_file.write_text(json.dumps({**plan.measure, "out": str(folder / "measure"),
                                      "resumed_at": state_step(state) if state else None}, indent=2))
-    say(f"{folder.name}: {status} ({plan.steps} steps, use_lpl = {str(arm.lpl['use_lpl']).lower()}"
+    say(f"{folder.name}: {doing} ({plan.steps} steps, use_lpl = {str(arm.lpl['use_lpl']).lower()}"
         f"{', lpl_weight = ' + format(arm.lpl['lpl_weight'], 'g') if 'lpl_weight' in arm.lpl else ''}, seed {arm.seed}); "
         f"log: {folder / 'train.log'}")
     run_arm(command(python_executable(), Path(plan.script), config, state), folder, plan_file, plan.steps,
