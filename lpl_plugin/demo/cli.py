@@ -174,8 +174,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                    f"{demo_lpl_text()}, the rest as `lpl-plugin defaults`)")
     long = PRESETS["long"]
     p.add_argument("--preset", choices=tuple(PRESETS),
-                   help=f"quick (the defaults below, about 2 minutes on 2 idle CPU cores) or long ({long['steps']} "
-                        f"steps and {long['vae_steps']} VAE steps; clearer samples); options given win")
+                   help=f"quick (the defaults below, about 3 minutes on 2 idle CPU cores; the samples stay colour "
+                        f"blobs) or long ({long['steps']} steps and {long['vae_steps']} VAE steps, 15 to 30 minutes; "
+                        "the samples show shapes); options given win")
     p.add_argument("--steps", type=integer, help=f"optimizer steps per run (default: {d.steps})")
     p.add_argument("--resolution", type=integer,
                    help=f"image side in pixels, a multiple of 32 up to 1024 (default: {d.resolution})")
