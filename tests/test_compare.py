@@ -247,3 +247,16 @@ def test_report_pools_seeds_and_shows_missing_samples(tmp_path):
     assert grid["columns"] == [0, 5] and grid["rows"] == ["off", "on"]
     with Image.open(tmp_path / "r" / grid["png"]) as image:  # the missing step-0 sample of "on" is a grey tile
         assert image.getpixel((110 + 96, 22 + 192 + 4 + 20)) == (225, 225, 225)
+
+
+def test_too_few_timed_steps_give_no_extra_time(tmp_path):
+    """Two-step arms time one step each: their medians are shown, the extra over the reference is not."""
+    from lpl_plugin.compare.report import ArmResult, write_report
+
+    arms = [ArmResult(name, {"use_lpl": name == "on"}, step_times=times)
+            for name, times in (("off", [9.0, 300.0]), ("on", [9.0, 40.0]))]
+    report = write_report(tmp_path / "r", arms, prompts=[], reference="off", measured_on="no images", title="t")
+    costs = {c["arm"]: c for c in report["costs"]}
+    assert costs["on"]["seconds_per_step"] == 40.0 and costs["on"]["steps_timed"] == 1
+    assert costs["on"]["extra_vs_reference"] is None and not costs["on"]["enough_steps_timed"]
+    assert "| on | 40 | 1 (first 1 left out) | – (under 3 steps timed) |" in (tmp_path / "r" / "report.md").read_text()

@@ -232,3 +232,23 @@ def test_state_saved_by_version_0_1_restores_its_counters_only(vae):
     state = hook.loss.state
     assert (int(hook.guard.streak), int(hook.guard.bad_steps), int(state.nonfinite_samples)) == (2, 3, 5)
     assert state.oom_skips == 1 and state.chunk_size == 4  # 0.1 overrode the user's chunk size; no longer
+
+
+@pytest.mark.parametrize("grad_mode", ["lean", "autograd"])
+def test_a_step_draws_nothing_from_the_global_random_generators(vae, scheduler, grad_mode):
+    """Hosts order their data with Python's `random`, numpy and torch's global generators (sd-scripts reseeds and
+    shuffles its buckets with `random`): a step with LPL, forward and backward, leaves all three as it found them."""
+    import random
+
+    import numpy as np
+
+    registry = hook_registry(vae, lpl_grad_mode=grad_mode, lpl_t_threshold=1000)[0]
+    ctx = step_context(scheduler, [10, 500, 900])
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    applied = registry.apply(ctx)
+    applied.loss.sum().backward()
+    assert ctx.model_pred.grad is not None and ctx.model_pred.grad.abs().sum() > 0
+    assert random.getstate() == before[0]
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lpl_plugin.compare.stats import MIN_TIMED_STEPS
+
 Table = tuple[list[str], list[list[str]]]
 
 
@@ -46,7 +48,8 @@ def cost_table(report: dict[str, Any]) -> Table:
     rows = []
     for c in report["costs"]:
         seconds = f"{c['seconds_per_step']:.3g}" if c["seconds_per_step"] is not None else "–"
-        extra = f"{c['extra_vs_reference'] * 100:+.1f} %" if c["extra_vs_reference"] is not None else "–"
+        extra = f"{c['extra_vs_reference'] * 100:+.1f} %" if c["extra_vs_reference"] is not None else \
+            "–" if c.get("enough_steps_timed", True) else f"– (under {MIN_TIMED_STEPS} steps timed)"
         applied = f"{c['applied_fraction'] * 100:.0f} % of samples" if c["applied_fraction"] is not None else "–"
         memory = (f"{c['peak_memory_bytes'] / 2 ** 30:.2f} GiB ({c['memory_kind']})"
                   if c["peak_memory_bytes"] is not None else "–")

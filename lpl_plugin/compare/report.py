@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from lpl_plugin.compare.figures import curves_png, grid_png
 from lpl_plugin.compare.render import write_html, write_markdown
-from lpl_plugin.compare.stats import bootstrap_mean, finite, median_step_seconds, paired_bootstrap, verdict_line
+from lpl_plugin.compare.stats import (MIN_TIMED_STEPS, bootstrap_mean, finite, median_step_seconds, paired_bootstrap,
+                                      verdict_line)
 
 SCHEMA = "lpl-plugin-compare/1"
 METRICS = {"psnr": ("PSNR", "dB", True), "ssim": ("SSIM", "", True)}
@@ -94,6 +95,8 @@ def cost_entries(arms: Sequence[ArmResult], reference: str, skip: int) -> list[d
         value = median_step_seconds(arm.step_times, used)
         if value is not None:
             medians.setdefault(arm.name, []).append(value)
+    timed = {name: sum(max(0, len(a.step_times) - skipped[name]) for a in arms if a.name == name)
+             for name in arm_names(arms)}
     base = statistics.median(medians[reference]) if medians.get(reference) else None
     entries = []
     for name in arm_names(arms):
@@ -101,11 +104,11 @@ def cost_entries(arms: Sequence[ArmResult], reference: str, skip: int) -> list[d
         seconds = statistics.median(medians[name]) if medians.get(name) else None
         fractions = [a.applied_fraction for a in group if a.applied_fraction is not None]
         memory = [a.peak_memory for a in group if a.peak_memory is not None]
+        comparable = min(timed[name], timed.get(reference, 0)) >= MIN_TIMED_STEPS
         entries.append({
-            "arm": name, "seconds_per_step": finite(seconds),
-            "steps_timed": sum(max(0, len(a.step_times) - skipped[name]) for a in group),
-            "skipped_first": skipped[name],
-            "extra_vs_reference": finite(seconds / base - 1) if seconds is not None and base else None,
+            "arm": name, "seconds_per_step": finite(seconds), "steps_timed": timed[name],
+            "skipped_first": skipped[name], "enough_steps_timed": comparable,
+            "extra_vs_reference": finite(seconds / base - 1) if seconds is not None and base and comparable else None,
             "applied_fraction": finite(statistics.fmean(fractions)) if fractions else None,
             "peak_memory_bytes": max(memory) if memory else None, "memory_kind": group[0].memory_kind})
     return entries

@@ -62,6 +62,11 @@ def paired_bootstrap(reference: Sequence[float], other: Sequence[float], *, resa
     return bootstrap_mean(difference.tolist(), resamples=resamples, seed=seed, level=level)
 
 
+# The extra time over the reference arm is given only when both arms timed at least this many steps: one or two
+# step times say more about what else the machine was doing than about LPL.
+MIN_TIMED_STEPS = 3
+
+
 def median_step_seconds(step_times: Sequence[float], skip: int = 2) -> float | None:
     """The median seconds per step with the first `skip` steps (start-up, compilation, caches) left out."""
     kept = list(step_times[skip:]) if len(step_times) > skip else []
