@@ -259,4 +259,5 @@ def test_too_few_timed_steps_give_no_extra_time(tmp_path):
     costs = {c["arm"]: c for c in report["costs"]}
     assert costs["on"]["seconds_per_step"] == 40.0 and costs["on"]["steps_timed"] == 1
     assert costs["on"]["extra_vs_reference"] is None and not costs["on"]["enough_steps_timed"]
-    assert "| on | 40 | 1 (first 1 left out) | – (under 3 steps timed) |" in (tmp_path / "r" / "report.md").read_text()
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "| on | 40 | 1 (first 1 left out) | – (under 3 steps timed) |" in markdown
