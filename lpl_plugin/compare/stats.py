@@ -62,9 +62,9 @@ def paired_bootstrap(reference: Sequence[float], other: Sequence[float], *, resa
     return bootstrap_mean(difference.tolist(), resamples=resamples, seed=seed, level=level)
 
 
-# The extra time over the reference arm is given only when both arms timed at least this many steps: one or two
-# step times say more about what else the machine was doing than about LPL.
-MIN_TIMED_STEPS = 3
+# The extra time over the reference arm is given only when both arms timed at least this many steps: a single step
+# time says more about what else the machine was doing than about LPL.
+MIN_TIMED_STEPS = 2
 
 
 def median_step_seconds(step_times: Sequence[float], skip: int = 2) -> float | None:
