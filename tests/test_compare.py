@@ -209,7 +209,9 @@ def test_ctrl_c_stops_the_arm_and_the_compare_cleanly(tmp_path):
     argv = [sys.executable, "-m", "lpl_plugin", "compare", "--sd-scripts", str(root("v0_10_1")), "--config",
             str(config), "--out", str(out), "--checkpoints", "1", "--sample-steps", "1", "--measure-images", "1",
             "--noise-seeds", "1", "--noise-levels", "100"]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a stand-in step takes milliseconds: without a pace the arm could finish before the Ctrl-C reaches it
+    env = {**os.environ, "LPL_STANDIN_STEP_SECONDS": "0.5"}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert process.stdout is not None
     for line in process.stdout:
         if line.startswith("off: step 1/40"):

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -564,6 +565,8 @@ def save_every(args: Any, accelerator: Any, steps: int, lora: bool) -> None:
 
 
 def interrupt_at(steps: int) -> None:
-    """Test knob: LPL_STANDIN_INTERRUPT_AT=k stops the run after optimizer step k as Ctrl-C would."""
+    """Test knobs: LPL_STANDIN_INTERRUPT_AT=k stops the run after optimizer step k as Ctrl-C would;
+    LPL_STANDIN_STEP_SECONDS=s makes each optimizer step last s seconds more, as a real one would."""
     if os.environ.get("LPL_STANDIN_INTERRUPT_AT") == str(steps):
         raise KeyboardInterrupt
+    time.sleep(float(os.environ.get("LPL_STANDIN_STEP_SECONDS", "0")))
