@@ -211,7 +211,10 @@ def test_ctrl_c_stops_the_arm_and_the_compare_cleanly(tmp_path):
             "--noise-seeds", "1", "--noise-levels", "100"]
     # a stand-in step takes milliseconds: without a pace the arm could finish before the Ctrl-C reaches it
     env = {**os.environ, "LPL_STANDIN_STEP_SECONDS": "0.5"}
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # the compare runs as in a terminal's foreground, where Ctrl-C is not ignored, also when the test suite itself
+    # runs as a background job (which starts with SIGINT ignored, and its children inherit that)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout is not None
     for line in process.stdout:
         if line.startswith("off: step 1/40"):
