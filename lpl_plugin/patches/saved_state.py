@@ -39,18 +39,18 @@ def save_state(folder: str | Path, steps: int, config: LPLConfig | None, registr
 def resumed_state(folder: str | Path, host_steps: HostSteps | None = None) -> tuple[int, dict[str, Any]]:
     """Optimizer steps and hook states of a saved state: the plugin's file, else the host's count, else 0."""
     folder = Path(folder)
-    path = folder / STATE_FILE
-    if os.path.lexists(path):
-        steps, states = _read(path, "optimizer_steps", "resume with the step count the trainer saved")
-        log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, show_path(path.name))
-        return steps, states
-    found = host_steps(folder) if host_steps is not None else None
-    if found is not None:
+    states: dict[str, Any] = {}
+    if os.path.lexists(folder / STATE_FILE):
+        name = STATE_FILE
+        steps, states = _read(folder / name, "optimizer_steps", "resume with the step count the trainer saved")
+    elif (found := host_steps(folder) if host_steps is not None else None) is not None:
         name, steps = found
-        log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, show_path(name))
-        return steps, {}
-    log.info("lpl-plugin: %s has no %s; counting optimizer steps from 0 for lpl_start", show_path(folder), STATE_FILE)
-    return 0, {}
+    else:
+        log.info("lpl-plugin: %s has no %s; counting optimizer steps from 0 for lpl_start", show_path(folder),
+                 STATE_FILE)
+        return 0, {}
+    log.info("lpl-plugin: resuming after %d optimizer steps (from %s)", steps, show_path(name))
+    return steps, states
 
 
 def read_step_count(path: Path, key: str) -> int:
